@@ -1,0 +1,264 @@
+"""Run configuration: typed, frozen dataclasses loaded from YAML plus `key=value` overrides.
+
+One source of truth for every number. Loading is strict: an unknown key, a value of the
+wrong type or an impossible combination raises `ConfigError` with a one-line message that
+names the field, the value and the fix. This module never imports torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message names field, value and fix."""
+
+
+FAMILIES = ("gpt2", "llama")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the GPT. `family` picks the building blocks:
+
+    - gpt2:  learned positions, LayerNorm, GELU MLP, biases, tied input/output embeddings
+    - llama: RoPE, RMSNorm, SwiGLU MLP, no biases, grouped-query attention, untied head
+
+    `bias`, `tie_embeddings`, `n_kv_head` and `ffn_hidden` default from the family
+    (None = family default) and are resolved in __post_init__, so a loaded config is concrete.
+    """
+
+    family: str = "gpt2"
+    vocab_size: int = 50257
+    block_size: int = 1024  # longest sequence the model accepts (positions / RoPE table)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_kv_head: int | None = None  # None: n_head (plain multi-head attention)
+    ffn_hidden: int | None = None  # None: 4*n_embd (gpt2) or Llama's 8/3*n_embd rounded to 256
+    bias: bool | None = None
+    tie_embeddings: bool | None = None
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    # The vocabulary is padded to a multiple of (vocab_pad_multiple * tp) so that each TP
+    # rank holds an equal, aligned slice; the padded logits are masked and never change the loss.
+    vocab_pad_multiple: int = 64
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"model.family={self.family!r} is unknown; choose one of {', '.join(FAMILIES)}")
+        is_gpt2 = self.family == "gpt2"
+        defaults = {
+            "n_kv_head": self.n_head,
+            "bias": is_gpt2,
+            "tie_embeddings": is_gpt2,
+            "ffn_hidden": 4 * self.n_embd if is_gpt2 else llama_ffn_hidden(self.n_embd),
+        }
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        self.validate()
+
+    # -- derived quantities -------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def uses_rope(self) -> bool:
+        return self.family == "llama"
+
+    @property
+    def uses_rmsnorm(self) -> bool:
+        return self.family == "llama"
+
+    @property
+    def uses_gated_mlp(self) -> bool:
+        return self.family == "llama"
+
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        multiple = self.vocab_pad_multiple * tp
+        return math.ceil(self.vocab_size / multiple) * multiple
+
+    def validate(self) -> None:
+        _require_positive(self, "model", ("vocab_size", "block_size", "n_layer", "n_head", "n_embd",
+                                          "n_kv_head", "ffn_hidden", "vocab_pad_multiple"))
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+                              f"pick n_embd as a multiple of n_head")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"model.n_kv_head={self.n_kv_head} does not divide model.n_head={self.n_head}; "
+                              f"grouped-query attention needs n_head to be a multiple of n_kv_head")
+        if self.uses_rope and self.head_dim % 2:
+            raise ConfigError(f"model.n_embd/n_head={self.head_dim} is odd; RoPE needs an even head size")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be > 0")
+
+    def check_tensor_parallel(self, tp: int) -> None:
+        """Errors for shapes a tensor-parallel degree `tp` cannot split evenly."""
+        if self.n_head % tp:
+            raise ConfigError(f"model.n_head={self.n_head} is not divisible by parallel.tp={tp}; "
+                              f"choose tp among the divisors of n_head")
+        if self.n_kv_head % tp:
+            raise ConfigError(f"model.n_kv_head={self.n_kv_head} is not divisible by parallel.tp={tp}; "
+                              f"each TP rank needs whole key/value heads, so use tp <= n_kv_head dividing it")
+        if self.ffn_hidden % tp:
+            raise ConfigError(f"model.ffn_hidden={self.ffn_hidden} is not divisible by parallel.tp={tp}")
+
+
+def llama_ffn_hidden(n_embd: int, multiple_of: int = 256) -> int:
+    """Llama's SwiGLU width: 2/3 of 4*n_embd (same FLOPs as a GELU MLP), rounded up."""
+    hidden = int(2 * 4 * n_embd / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Degrees of parallelism. world_size = tp * pp * dp; dp=None derives it from the world."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int | None = None
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "parallel", ("tp", "pp", "dp"))
+
+    def resolve_dp(self, world_size: int) -> int:
+        """The data-parallel degree for `world_size` ranks; raises if the product cannot match."""
+        model_parallel = self.tp * self.pp
+        if self.dp is None:
+            if world_size % model_parallel:
+                raise ConfigError(f"world size {world_size} is not divisible by parallel.tp*parallel.pp="
+                                  f"{self.tp}*{self.pp}; launch a multiple of {model_parallel} ranks")
+            return world_size // model_parallel
+        if model_parallel * self.dp != world_size:
+            raise ConfigError(f"parallel.tp*pp*dp={self.tp}*{self.pp}*{self.dp}={model_parallel * self.dp} "
+                              f"does not equal the world size {world_size}; launch that many ranks "
+                              f"or set parallel.dp to null to derive it")
+        return self.dp
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        self.model.check_tensor_parallel(self.parallel.tp)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _require_positive(obj: Any, section: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{section}.{name}={value} must be >= 1")
+
+
+# -- building from plain data -----------------------------------------------------------
+
+def from_dict(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, recursively; unknown keys and wrong types are errors."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(known))}"
+            raise ConfigError(f"unknown config key {path!r}{hint}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, path)
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{path} may not be null")
+    for kind in allowed:
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind in (int, str, bool) and type(value) is kind:
+            return value
+    names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+    raise ConfigError(f"{path}={value!r} has type {type(value).__name__}; expected {names}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`model.n_layer=4` -> (['model', 'n_layer'], 4); values are parsed as YAML scalars."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    merged = _deepcopy_dicts(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = merged
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {key!r} is not a section")
+        node[keys[-1]] = value
+    return merged
+
+
+def _deepcopy_dicts(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy_dicts(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a run config from YAML (or defaults when path is None) and apply overrides.
+
+    `model.preset: NAME` starts the model section from a named preset; keys next to it
+    override the preset's values.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}".replace("\n", " ")) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    data = merge_overrides(data, list(overrides))
+    return from_dict(RunConfig, _expand_preset(data))
+
+
+def _expand_preset(data: dict[str, Any]) -> dict[str, Any]:
+    from gptscale.presets import preset_dict  # local: presets imports this module
+
+    model = data.get("model")
+    if isinstance(model, dict) and "preset" in model:
+        model = dict(model)
+        name = model.pop("preset")
+        data = {**data, "model": {**preset_dict(name), **model}}
+    return data

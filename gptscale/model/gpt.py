@@ -1,0 +1,223 @@
+"""The GPT: two families (GPT-2 and Llama style) from one set of tensor-parallel blocks.
+
+Reads like single-device code: the tensor-parallel layers hide their communication, and
+with `TPGroup.single()` every one of them is exactly the dense torch layer. Never imports
+deepspeed; the engine wraps this model.
+
+Shapes: B batch, T tokens, d = n_embd, hd = head size; a `_l` suffix means "this TP
+rank's share" (heads / tp, vocab / tp).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from gptscale.config import ModelConfig
+from gptscale.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                      VocabParallelHead, mask_vocab_padding, vocab_parallel_cross_entropy)
+from gptscale.parallel.primitives import copy_to_tp, gather_from_tp
+from gptscale.parallel.topology import TPGroup
+
+IGNORE_INDEX = -100  # label value that contributes no loss (prompt tokens in SFT, padding)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.uses_rmsnorm:
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE tables in the "rotate half" convention (first half of each head pairs with the
+    second half), the one Hugging Face's Llama uses, so conversion needs no permutation."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, hd/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (max_len, hd)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions], self.sin[positions]  # (T, hd) each
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding (this rank's heads only)."""
+
+    def __init__(self, n_layer: int, batch: int, n_kv_local: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (n_layer, batch, n_kv_local, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0  # tokens already cached
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.k.shape[3]:
+            raise ValueError(f"KV cache holds {self.k.shape[3]} tokens; {end} requested")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    """Causal self-attention with a fused QKV projection and grouped-query heads.
+
+    The fused weight is laid out by key/value group: for each kv head g, the rows of its
+    n_head/n_kv_head query heads, then k_g, then v_g. Splitting dim 0 into tp equal
+    chunks therefore hands each rank whole groups, so the QKV weight is a plain COLUMN split.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.n_head_l = cfg.n_head // tp.size
+        self.n_kv_l = cfg.n_kv_head // tp.size
+        self.q_per_kv = cfg.n_head // cfg.n_kv_head
+        self.dropout = cfg.dropout
+        qkv_out = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+        self.qkv = ColumnParallelLinear(cfg.n_embd, qkv_out, tp, bias=cfg.bias, init_std=cfg.init_std)
+        # Depth-scaled init of the residual projections (GPT-2): std / sqrt(2 * n_layer).
+        self.proj = RowParallelLinear(cfg.n_head * cfg.head_dim, cfg.n_embd, tp, bias=cfg.bias,
+                                      init_std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, self.n_kv_l, self.q_per_kv + 2, self.head_dim)
+        q = qkv[:, :, :, :self.q_per_kv].reshape(B, T, self.n_head_l, self.head_dim).transpose(1, 2)
+        k = qkv[:, :, :, self.q_per_kv].transpose(1, 2)  # (B, n_kv_l, T, hd)
+        v = qkv[:, :, :, self.q_per_kv + 1].transpose(1, 2)  # (B, n_kv_l, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # q: (B, n_head_l, T, hd)
+
+        cached = cache.length if cache is not None else 0
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, n_kv_l, cached + T, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=_causal_mask(T, cached, x.device), is_causal=cached == 0,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.q_per_kv > 1)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head_l * self.head_dim)  # (B, T, d / tp)
+        return self.proj(y)
+
+
+def _causal_mask(T: int, cached: int, device: torch.device) -> torch.Tensor | None:
+    """Mask for T new queries after `cached` tokens; None where is_causal or no mask suffices."""
+    if cached == 0 or T == 1:
+        return None  # fresh sequence: is_causal; a single new token may see everything
+    return torch.ones(T, cached + T, dtype=torch.bool, device=device).tril(diagonal=cached)
+
+
+class MLP(nn.Module):
+    """GELU MLP (gpt2) or SwiGLU (llama); hidden units split across TP ranks."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup):
+        super().__init__()
+        d, f, std = cfg.n_embd, cfg.ffn_hidden, cfg.init_std
+        self.gated = cfg.uses_gated_mlp
+        self.up = ColumnParallelLinear(d, f, tp, bias=cfg.bias, init_std=std)
+        if self.gated:
+            self.gate = ColumnParallelLinear(d, f, tp, bias=cfg.bias, init_std=std)
+        self.down = RowParallelLinear(f, d, tp, bias=cfg.bias, init_std=std / math.sqrt(2 * cfg.n_layer))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            h = F.silu(self.gate(x)) * self.up(x)  # (B, T, f / tp)
+        else:
+            h = F.gelu(self.up(x), approximate="tanh")  # (B, T, f / tp)
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg, tp)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg, tp)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, cache=None, layer=0):
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache, layer))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer. `tp` is this rank's tensor-parallel group (single by default).
+
+    forward(ids) -> this rank's vocabulary slice of the logits, (B, T, V_pad / tp);
+    forward(ids, labels) -> mean cross-entropy over tokens whose label != IGNORE_INDEX.
+    Dropout note: ranks of one TP group must share the RNG seed so that dropout on the
+    replicated residual stream agrees; the trainer seeds them so.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None):
+        super().__init__()
+        tp = tp or TPGroup.single()
+        cfg.check_tensor_parallel(tp.size)
+        self.cfg, self.tp = cfg, tp
+        self.padded_vocab = cfg.padded_vocab_size(tp.size)
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, self.padded_vocab, cfg.n_embd, tp, init_std=cfg.init_std)
+        self.pos_embed = None if cfg.uses_rope else nn.Embedding(cfg.block_size, cfg.n_embd)
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed.weight, std=cfg.init_std)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.block_size, cfg.rope_theta) if cfg.uses_rope else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, tp) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.head = None if cfg.tie_embeddings else VocabParallelHead(
+            cfg.n_embd, cfg.vocab_size, self.padded_vocab, tp, init_std=cfg.init_std)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds model.block_size={self.cfg.block_size}")
+        positions = torch.arange(start, start + T, device=input_ids.device)
+
+        x = self.embed(input_ids)  # (B, T, d)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        x = self.drop(x)
+        rope = self.rope(positions) if self.rope is not None else None
+        for layer, block in enumerate(self.blocks):
+            if self.cfg.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope, cache, layer)
+        if cache is not None:
+            cache.length += T
+        logits = self.output_logits(self.norm_f(x))  # (B, T, V_pad / tp)
+        if labels is None:
+            return logits
+        per_token = vocab_parallel_cross_entropy(logits, labels, self.tp, ignore_index=IGNORE_INDEX)
+        return per_token.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+    def output_logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.head is not None:
+            logits = self.head(x)
+        else:  # tied: the embedding matrix is the output projection
+            logits = F.linear(copy_to_tp(x, self.tp), self.embed.weight)
+        return mask_vocab_padding(logits, self.cfg.vocab_size, self.tp)
+
+    def full_logits(self, local_logits: torch.Tensor) -> torch.Tensor:
+        """Gather this rank's vocabulary slice into logits over the real vocabulary."""
+        return gather_from_tp(local_logits, self.tp)[..., :self.cfg.vocab_size]
+
+    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        ref = self.embed.weight
+        return KVCache(self.cfg.n_layer, batch, self.cfg.n_kv_head // self.tp.size, max_len,
+                       self.cfg.head_dim, ref.dtype, ref.device)

@@ -1,0 +1,206 @@
+"""Tensor-parallel building blocks. With a single-rank TPGroup each is exactly its dense twin.
+
+Every parameter is tagged with how it is split across TP ranks (`param.tp_split`), the one
+table that checkpoint merge/split and LoRA read:
+
+    COLUMN      dim 0 (output features) is split          ColumnParallelLinear.weight / .bias
+    ROW         dim 1 (input features) is split           RowParallelLinear.weight
+    VOCAB       dim 0 is the padded vocabulary, split      embedding, untied output head
+    REPLICATED  every rank holds the whole tensor          norms, positions, row-parallel bias
+
+Split parameters also carry `tensor_model_parallel = True`, the attribute DeepSpeed reads
+to avoid counting replicated parameters once per TP rank in the gradient norm.
+"""
+from __future__ import annotations
+
+import enum
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptscale.parallel.primitives import all_reduce_no_grad, copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
+from gptscale.parallel.topology import TPGroup
+
+
+class Split(str, enum.Enum):
+    COLUMN = "column"
+    ROW = "row"
+    VOCAB = "vocab"
+    REPLICATED = "replicated"
+
+    @property
+    def dim(self) -> int | None:
+        return {Split.COLUMN: 0, Split.ROW: 1, Split.VOCAB: 0}.get(self)
+
+
+def mark_split(param: nn.Parameter, split: Split) -> nn.Parameter:
+    param.tp_split = split
+    param.tensor_model_parallel = split is not Split.REPLICATED
+    return param
+
+
+def split_table(module: nn.Module) -> dict[str, Split]:
+    """name -> Split for every parameter of `module`; untagged ones are replicated."""
+    return {name: getattr(p, "tp_split", Split.REPLICATED) for name, p in module.named_parameters()}
+
+
+def _divide(total: int, parts: int, what: str) -> int:
+    if total % parts:
+        raise ValueError(f"{what}={total} is not divisible by the tensor-parallel size {parts}")
+    return total // parts
+
+
+def _init_normal(weight: torch.Tensor, std: float) -> None:
+    with torch.no_grad():
+        weight.normal_(mean=0.0, std=std)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x A^T + b with A split by rows (output features): each rank computes a slice of y.
+
+    gather_output=False leaves y split on the last dimension, ready for a RowParallelLinear.
+    """
+
+    weight_split = Split.COLUMN
+
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup, *, bias: bool = True,
+                 gather_output: bool = False, init_std: float = 0.02):
+        super().__init__()
+        self.tp, self.gather_output = tp, gather_output
+        self.in_features, self.out_features = in_features, out_features
+        local_out = _divide(out_features, tp.size, "output features")
+        self.weight = mark_split(nn.Parameter(torch.empty(local_out, in_features)), self.weight_split)
+        _init_normal(self.weight, init_std)
+        self.bias = None
+        if bias:
+            self.bias = mark_split(nn.Parameter(torch.zeros(local_out)), Split.COLUMN)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(copy_to_tp(x, self.tp), self.weight, self.bias)
+        return gather_from_tp(y, self.tp) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x A^T + b with A split by columns (input features); partial sums are all-reduced.
+
+    input_is_parallel=True takes x already split on its last dimension (the output of a
+    ColumnParallelLinear); otherwise each rank keeps its own slice of a replicated x.
+    The bias is replicated and added once, after the reduction.
+    """
+
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup, *, bias: bool = True,
+                 input_is_parallel: bool = True, init_std: float = 0.02):
+        super().__init__()
+        self.tp, self.input_is_parallel = tp, input_is_parallel
+        self.in_features, self.out_features = in_features, out_features
+        local_in = _divide(in_features, tp.size, "input features")
+        self.weight = mark_split(nn.Parameter(torch.empty(out_features, local_in)), Split.ROW)
+        _init_normal(self.weight, init_std)
+        self.bias = mark_split(nn.Parameter(torch.zeros(out_features)), Split.REPLICATED) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tp(x, self.tp)
+        y = reduce_from_tp(F.linear(x, self.weight), self.tp)
+        return y if self.bias is None else y + self.bias
+
+
+def _zero_padding_rows(weight: torch.Tensor, vocab_size: int, vocab_start: int) -> None:
+    """Rows past the real vocabulary are padding: keep them zero so they carry nothing."""
+    first_pad = max(0, min(weight.shape[0], vocab_size - vocab_start))
+    with torch.no_grad():
+        weight[first_pad:].zero_()
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding with the (padded) vocabulary split across TP ranks by row."""
+
+    def __init__(self, vocab_size: int, padded_vocab: int, dim: int, tp: TPGroup, *, init_std: float = 0.02):
+        super().__init__()
+        self.tp, self.vocab_size, self.padded_vocab = tp, vocab_size, padded_vocab
+        local = _divide(padded_vocab, tp.size, "padded vocabulary")
+        self.vocab_start = tp.rank * local
+        self.weight = mark_split(nn.Parameter(torch.empty(local, dim)), Split.VOCAB)
+        _init_normal(self.weight, init_std)
+        _zero_padding_rows(self.weight, vocab_size, self.vocab_start)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local_ids = ids - self.vocab_start
+        foreign = (local_ids < 0) | (local_ids >= self.weight.shape[0])  # rows another rank holds
+        out = F.embedding(local_ids.masked_fill(foreign, 0), self.weight)
+        return reduce_from_tp(out.masked_fill(foreign.unsqueeze(-1), 0.0), self.tp)
+
+
+class VocabParallelHead(ColumnParallelLinear):
+    """The untied output projection: a column-parallel linear whose rows are the padded vocab."""
+
+    weight_split = Split.VOCAB
+
+    def __init__(self, dim: int, vocab_size: int, padded_vocab: int, tp: TPGroup, *, init_std: float = 0.02):
+        super().__init__(dim, padded_vocab, tp, bias=False, gather_output=False, init_std=init_std)
+        _zero_padding_rows(self.weight, vocab_size, tp.rank * self.weight.shape[0])
+
+
+def mask_vocab_padding(local_logits: torch.Tensor, vocab_size: int, tp: TPGroup) -> torch.Tensor:
+    """Set the logits of padding tokens to -inf so they take no probability mass (and no grad)."""
+    local = local_logits.shape[-1]
+    first_pad = vocab_size - tp.rank * local
+    if first_pad >= local:
+        return local_logits
+    pad = torch.arange(local, device=local_logits.device) >= max(first_pad, 0)
+    return local_logits.masked_fill(pad, float("-inf"))
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over logits split by vocabulary; the full row never exists on one rank.
+
+    Only per-token scalars cross the wire: the row max, the target logit and the sum of
+    exponentials, three all-reduces of shape (tokens,).
+    """
+
+    @staticmethod
+    def forward(ctx, local_logits, targets, tp, ignore_index):
+        logits = local_logits.float()
+        row_max = logits.max(dim=-1).values
+        all_reduce_no_grad(row_max, tp, op=torch.distributed.ReduceOp.MAX)
+        shifted = logits - row_max.unsqueeze(-1)
+
+        local_vocab = logits.shape[-1]
+        local_targets = targets - tp.rank * local_vocab
+        mine = (local_targets >= 0) & (local_targets < local_vocab) & (targets != ignore_index)
+        safe_targets = local_targets.masked_fill(~mine, 0)
+        target_logit = shifted.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1) * mine
+        all_reduce_no_grad(target_logit, tp)
+
+        exp = shifted.exp()
+        sum_exp = all_reduce_no_grad(exp.sum(dim=-1), tp)
+        valid = targets != ignore_index
+        loss = (sum_exp.log() - target_logit) * valid
+
+        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), safe_targets, mine, valid)
+        ctx.input_dtype = local_logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, safe_targets, mine, valid = ctx.saved_tensors
+        grad = softmax.clone()
+        grad.scatter_add_(-1, safe_targets.unsqueeze(-1), -mine.to(grad.dtype).unsqueeze(-1))
+        grad.mul_((grad_loss * valid).unsqueeze(-1))
+        return grad.to(ctx.input_dtype), None, None, None
+
+
+def vocab_parallel_cross_entropy(local_logits: torch.Tensor, targets: torch.Tensor, tp: TPGroup,
+                                 ignore_index: int = -100) -> torch.Tensor:
+    """Per-token cross-entropy (0 where targets == ignore_index), computed in fp32.
+
+    local_logits: (..., V_pad / tp) this rank's slice; targets: (...) global token ids.
+    """
+    if tp.size == 1:
+        flat = F.cross_entropy(local_logits.float().flatten(0, -2), targets.flatten(),
+                               ignore_index=ignore_index, reduction="none")
+        return flat.view(targets.shape)
+    return _VocabParallelCrossEntropy.apply(local_logits, targets, tp, ignore_index)

@@ -1,0 +1,110 @@
+"""Autograd-aware communication for tensor parallelism (Megatron-LM's f / g operators).
+
+Each op is the adjoint of another, so gradients are correct by construction:
+
+    copy_to_tp      forward: identity         backward: all-reduce (sum)
+    reduce_from_tp  forward: all-reduce (sum) backward: identity
+    gather_from_tp  forward: all-gather last dim   backward: keep own slice
+    scatter_to_tp   forward: keep own slice         backward: all-gather last dim
+
+With a single-rank TPGroup every op returns its input untouched, which is what makes a
+tp=1 layer exactly its dense twin.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from gptscale.parallel.topology import TPGroup
+
+
+def _all_reduce(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    x = x.contiguous().clone()  # never reduce in place into a tensor autograd may have saved
+    dist.all_reduce(x, group=tp.group)
+    return x
+
+
+def _all_gather_last_dim(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(tp.size)]
+    dist.all_gather(parts, x, group=tp.group)
+    return torch.cat(parts, dim=-1)
+
+
+def _own_slice_last_dim(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    if x.shape[-1] % tp.size:
+        raise ValueError(f"last dimension {x.shape[-1]} is not divisible by the TP size {tp.size}")
+    return x.chunk(tp.size, dim=-1)[tp.rank].contiguous()
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, tp):
+        ctx.tp = tp
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.tp), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, tp):
+        return _all_reduce(x, tp)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, tp):
+        ctx.tp = tp
+        return _all_gather_last_dim(x, tp)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _own_slice_last_dim(grad, ctx.tp), None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, tp):
+        ctx.tp = tp
+        return _own_slice_last_dim(x, tp)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_last_dim(grad, ctx.tp), None
+
+
+def copy_to_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    return x if tp.size == 1 else _CopyToTP.apply(x, tp)
+
+
+def reduce_from_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    return x if tp.size == 1 else _ReduceFromTP.apply(x, tp)
+
+
+def gather_from_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    return x if tp.size == 1 else _GatherFromTP.apply(x, tp)
+
+
+def scatter_to_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    return x if tp.size == 1 else _ScatterToTP.apply(x, tp)
+
+
+def all_reduce_no_grad(x: torch.Tensor, tp: TPGroup, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce of a tensor outside autograd (statistics, masks); returns it."""
+    if tp.size > 1:
+        dist.all_reduce(x, op=op, group=tp.group)
+    return x
+
+
+def broadcast_from_tp_rank0(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """Make every TP rank hold TP rank 0's `x` (e.g. a sampled token), in place; returns it."""
+    if tp.size > 1:
+        dist.broadcast(x, group=tp.group, group_src=0)
+    return x

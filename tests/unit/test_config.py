@@ -1,0 +1,76 @@
+"""Config loading: strict keys, typed values, one clear error per bad input."""
+import pytest
+
+from gptscale import config
+from gptscale.config import ConfigError, ModelConfig, ParallelConfig, RunConfig
+from gptscale.presets import preset, preset_names
+
+
+def test_family_defaults_are_resolved():
+    gpt2 = ModelConfig(family="gpt2", n_embd=64, n_head=4)
+    assert (gpt2.bias, gpt2.tie_embeddings, gpt2.n_kv_head, gpt2.ffn_hidden) == (True, True, 4, 256)
+    llama = ModelConfig(family="llama", n_embd=4096, n_head=32)
+    assert (llama.bias, llama.tie_embeddings, llama.ffn_hidden) == (False, False, 11008)
+
+
+def test_load_yaml_with_preset_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  preset: tiny-llama\n  n_layer: 3\nparallel:\n  tp: 2\n")
+    cfg = config.load(path, ["model.dropout=0.1", "parallel.pp=1"])
+    assert cfg.model.family == "llama" and cfg.model.n_layer == 3 and cfg.model.n_kv_head == 2
+    assert cfg.model.dropout == 0.1 and cfg.parallel.tp == 2
+    assert isinstance(cfg.to_dict()["model"]["dropout"], float)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.n_heads=4"], "unknown config key 'model.n_heads'; did you mean 'n_head'?"),
+    (["modle.n_head=4"], "unknown config key 'modle'; did you mean 'model'?"),
+    (["model.n_head=-4"], "model.n_head=-4 must be >= 1"),
+    (["model.n_layer=0"], "model.n_layer=0 must be >= 1"),
+    (["model.n_head=5"], "model.n_embd=768 is not divisible by model.n_head=5"),
+    (["model.n_kv_head=5"], "model.n_kv_head=5 does not divide model.n_head=12"),
+    (["parallel.tp=8"], "model.n_head=12 is not divisible by parallel.tp=8"),
+    (["model.n_layer=two"], "model.n_layer='two' has type str; expected int"),
+    (["model.bias=1"], "model.bias=1 has type int; expected bool or null"),
+    (["model.family=gpt3"], "model.family='gpt3' is unknown"),
+    (["model.dropout=1.5"], "model.dropout=1.5 must be in [0, 1)"),
+    (["parallel.dp=0"], "parallel.dp=0 must be >= 1"),
+    (["model.preset=gpt5"], "model.preset='gpt5' is unknown"),
+    (["model"], "override 'model' is not of the form section.key=value"),
+])
+def test_bad_input_gets_one_clear_error(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_kv_heads_must_split_across_tp():
+    with pytest.raises(ConfigError, match=r"model.n_kv_head=2 is not divisible by parallel.tp=4"):
+        RunConfig(model=preset("tiny-llama"), parallel=ParallelConfig(tp=4))
+
+
+def test_world_size_mismatch_and_derived_dp():
+    assert ParallelConfig(tp=2, pp=2).resolve_dp(8) == 2
+    with pytest.raises(ConfigError, match=r"parallel.tp\*pp\*dp=2\*1\*3=6 does not equal the world size 4"):
+        ParallelConfig(tp=2, dp=3).resolve_dp(4)
+    with pytest.raises(ConfigError, match="world size 6 is not divisible by parallel.tp"):
+        ParallelConfig(tp=4).resolve_dp(6)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        config.load(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        config.load(listy)
+
+
+def test_every_preset_is_valid():
+    for name in preset_names():
+        assert preset(name).n_layer >= 1
