@@ -49,20 +49,14 @@ def _collect(procs: list, results: queue_module.Queue, timeout: float) -> list[A
         try:
             rank, status, payload = results.get(timeout=0.2)
             outcome[rank] = (status, payload)
-            if status == "error":
-                # Give peers a moment to report their own errors: the first failure is often
-                # a consequence of another rank's, and both tracebacks help.
-                _drain(results, outcome, seconds=1.0)
-                break
         except queue_module.Empty:
             pass
-        silent = [r for r, p in enumerate(procs) if r not in outcome and p.exitcode is not None]
-        if silent:
-            _drain(results, outcome, seconds=0.5)  # a clean exit may have raced its last message
-            silent = [r for r in silent if r not in outcome]
-            if silent:
-                outcome.update({r: ("error", f"rank {r} exited with code {procs[r].exitcode} "
-                                             f"without reporting") for r in silent})
+        failed = any(status == "error" for status, _ in outcome.values())
+        if failed or any(p.exitcode is not None for r, p in enumerate(procs) if r not in outcome):
+            # Give peers a moment to report: the first failure is often a consequence of
+            # another rank's (a peer that died resets the connection), and both help.
+            _drain(results, outcome, seconds=1.0)
+            if _note_silent_deaths(procs, outcome) or failed:
                 break
         if time.monotonic() > deadline:
             missing = [r for r in range(len(procs)) if r not in outcome]
@@ -74,6 +68,14 @@ def _collect(procs: list, results: queue_module.Queue, timeout: float) -> list[A
         text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in errors.items())
         raise RankFailure(f"{len(errors)} rank(s) failed:\n{text}")
     return [outcome[r][1] for r in range(len(procs))]
+
+
+def _note_silent_deaths(procs: list, outcome: dict) -> bool:
+    """Record ranks that exited without a message; True if there were any."""
+    silent = [r for r, p in enumerate(procs) if r not in outcome and p.exitcode is not None]
+    for r in silent:
+        outcome[r] = ("error", f"rank {r} exited with code {procs[r].exitcode} without reporting")
+    return bool(silent)
 
 
 def _drain(results: queue_module.Queue, outcome: dict, seconds: float) -> None:
