@@ -12,8 +12,8 @@ from gptscale.config import ConfigError, ModelConfig, from_dict
 _PRESETS: dict[str, dict[str, Any]] = {
     # CPU tests and the demo: a few hundred thousand parameters, trains in minutes on 2 cores.
     "tiny": dict(family="gpt2", vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=128),
-    "tiny-llama": dict(family="llama", vocab_size=4096, block_size=256, n_layer=4, n_head=4,
-                       n_kv_head=2, n_embd=128, ffn_hidden=352),
+    "tiny-llama": dict(family="llama", vocab_size=4096, block_size=256, n_layer=4, n_head=8,
+                       n_kv_head=4, n_embd=128, ffn_hidden=352),
     # GPT-2 family (Radford et al. 2019) and GPT-3 XL's shape (Brown et al. 2020).
     "gpt2-124m": dict(family="gpt2", vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
     "gpt2-350m": dict(family="gpt2", vocab_size=50257, block_size=1024, n_layer=24, n_head=16, n_embd=1024),

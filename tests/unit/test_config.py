@@ -17,7 +17,7 @@ def test_load_yaml_with_preset_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model:\n  preset: tiny-llama\n  n_layer: 3\nparallel:\n  tp: 2\n")
     cfg = config.load(path, ["model.dropout=0.1", "parallel.pp=1"])
-    assert cfg.model.family == "llama" and cfg.model.n_layer == 3 and cfg.model.n_kv_head == 2
+    assert cfg.model.family == "llama" and cfg.model.n_layer == 3 and cfg.model.n_kv_head == 4
     assert cfg.model.dropout == 0.1 and cfg.parallel.tp == 2
     assert isinstance(cfg.to_dict()["model"]["dropout"], float)
 
@@ -46,8 +46,8 @@ def test_bad_input_gets_one_clear_error(overrides, message):
 
 
 def test_kv_heads_must_split_across_tp():
-    with pytest.raises(ConfigError, match=r"model.n_kv_head=2 is not divisible by parallel.tp=4"):
-        RunConfig(model=preset("tiny-llama"), parallel=ParallelConfig(tp=4))
+    with pytest.raises(ConfigError, match=r"model.n_kv_head=4 is not divisible by parallel.tp=8"):
+        RunConfig(model=preset("tiny-llama", n_head=16), parallel=ParallelConfig(tp=8))
 
 
 def test_world_size_mismatch_and_derived_dp():
