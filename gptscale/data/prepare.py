@@ -1,0 +1,157 @@
+"""`gptscale data prepare`: documents -> tokenized webdataset shards + manifest.
+
+Documents are read in a deterministic order, tokenized in batches by a pool of worker
+processes (results come back in order), assigned to train or validation by a hash of
+their stable name, and written as shards. The tokenizer is copied next to the shards so
+the folder is self-contained. The same input gives byte-identical shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import multiprocessing as mp
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from gptscale.data.errors import DataError
+from gptscale.data.shards import FORMAT, MANIFEST, ShardWriter, shard_info_dicts, token_dtype, write_manifest
+from gptscale.data.sources import Document, ReadOptions, read_documents
+from gptscale.data.tokenizer import TextTokenizer
+
+TOKENIZER_DIR = "tokenizer"
+_worker_tokenizer: TextTokenizer | None = None
+
+
+def is_validation(name: str, val_fraction: float) -> bool:
+    """Deterministic split by document: the first 8 bytes of sha256(name) as a fraction."""
+    if val_fraction <= 0:
+        return False
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64 < val_fraction
+
+
+def parse_size(text: str) -> int:
+    """'64MB' -> 67108864; plain numbers are bytes."""
+    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "B": 1}
+    value = text.strip().upper()
+    for unit, scale in units.items():
+        if value.endswith(unit):
+            number = value.removesuffix(unit).strip()
+            break
+    else:
+        number, scale = value, 1
+    try:
+        size = int(float(number) * scale)
+    except ValueError:
+        raise DataError(f"--shard-size {text!r} is not a size; write e.g. 64MB or 500KB") from None
+    return size
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
+    _worker_tokenizer = TextTokenizer.load(tokenizer_path)
+
+
+def _encode(texts: list[str]) -> list[np.ndarray]:
+    return [np.asarray(ids, dtype=np.uint32) for ids in _worker_tokenizer.encode_batch(texts)]
+
+
+def _batched(documents: Iterable[Document], size: int) -> Iterator[list[Document]]:
+    iterator = iter(documents)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def _tokenized(documents: Iterable[Document], tokenizer: TextTokenizer, workers: int,
+               batch: int = 32) -> Iterator[tuple[Document, np.ndarray]]:
+    batches = _batched(documents, batch)
+    if workers <= 1:
+        _init_worker(tokenizer.path)
+        for docs in batches:
+            yield from zip(docs, _encode([d.text for d in docs]))
+        return
+    # fork would copy a possibly multi-threaded parent; spawn is the safe start method.
+    # Batches go out in bounded rounds so memory stays flat on corpora of any size.
+    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tokenizer.path,)) as pool:
+        for round_ in _batched(batches, 4 * workers):
+            encoded = pool.map(_encode, [[d.text for d in docs] for docs in round_])
+            for docs, arrays in zip(round_, encoded):
+                yield from zip(docs, arrays)
+
+
+def _clear_output(out: Path, overwrite: bool) -> None:
+    existing = [p for p in out.iterdir() if p.name == MANIFEST or p.suffix == ".tar" or ".tar.tmp-" in p.name]
+    if existing and not overwrite:
+        raise DataError(f"{out} already holds shards or a manifest; pass --overwrite to replace them "
+                        f"or choose another --out")
+    for p in existing:
+        p.unlink()
+    shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
+
+
+def prepare(inputs: list[str], tokenizer_path: str, out_dir: str | Path, *, shard_bytes: int = 64 << 20,
+            val_fraction: float = 0.01, workers: int | None = None, options: ReadOptions | None = None,
+            overwrite: bool = False, progress: bool = True) -> dict:
+    """Tokenize `inputs` into train/val shards in `out_dir`; returns the manifest written."""
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"--val-fraction {val_fraction} must be in [0, 1)")
+    if not inputs:
+        raise DataError("no --input given")
+    options = options or ReadOptions()
+    tokenizer = TextTokenizer.load(tokenizer_path)
+    dtype = token_dtype(tokenizer.vocab_size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_output(out, overwrite)
+
+    writers = {split: ShardWriter(out, split, shard_bytes, dtype) for split in ("train", "val")}
+    workers = workers or os.cpu_count() or 1
+    text_bytes = 0
+    bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        for doc, ids in _tokenized(read_documents(inputs, options), tokenizer, workers):
+            if ids.size == 0:
+                options.bad(doc.name, doc.source, "document has no tokens")
+                continue
+            split = "val" if is_validation(doc.name, val_fraction) else "train"
+            writers[split].add(ids, {"source": doc.source, "name": doc.name})
+            text_bytes += len(doc.text.encode("utf-8"))
+            bar.update(1)
+            bar.set_postfix_str(f"{text_bytes / 1e6:.1f} MB text", refresh=False)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+
+    splits = {}
+    for split, writer in writers.items():
+        shards = writer.close()
+        splits[split] = {"documents": writer.documents, "tokens": sum(s.tokens for s in shards),
+                         "shards": shard_info_dicts(shards)}
+    if splits["train"]["documents"] == 0:
+        raise DataError(f"inputs {inputs} gave no training documents; check the inputs "
+                        f"(and --val-fraction {val_fraction})")
+    shutil.copytree(Path(tokenizer.path).parent, out / TOKENIZER_DIR,
+                    ignore=lambda d, names: [n for n in names if not n.endswith(".json")])
+    manifest = {
+        "format": FORMAT,
+        "dtype": dtype.name,
+        "sources": list(inputs),
+        "text_bytes": text_bytes,
+        "val_fraction": val_fraction,
+        "skipped": dict(options.skipped),
+        "tokenizer": {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+                      "bos_id": tokenizer.bos_id, "pad_id": tokenizer.pad_id, "folder": TOKENIZER_DIR},
+        "splits": splits,
+    }
+    write_manifest(out, manifest)
+    return manifest

@@ -1,0 +1,168 @@
+"""Webdataset tar shards of token ids, and the manifest that describes them.
+
+A shard is a plain tar that `webdataset.WebDataset(url)` reads: per document a key
+`DDDDDDDDDD` (its index in the split) with members `KEY.npy` (token ids, uint16 when the
+vocabulary fits, else uint32; no end-of-text token: the loader adds it) and `KEY.json`
+(source, name, token count). Tar headers carry no time, owner or host, so the same input
+gives byte-identical shards. Every file is written under a temporary name and renamed
+when complete; the manifest is written last, so a folder with a manifest is complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gptscale.data.atomic import atomic_write, write_text_atomic
+from gptscale.data.errors import DataError
+
+MANIFEST = "manifest.json"
+FORMAT = "gptscale-shards/1"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2 ** 16 else np.dtype(np.uint32)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    documents: int
+    tokens: int
+    bytes: int
+    sha256: str
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(payload), 0o644, 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+class ShardWriter:
+    """Writes `{prefix}-{NNNNNN}.tar` shards of at most ~`max_bytes` each into `out_dir`."""
+
+    def __init__(self, out_dir: Path, prefix: str, max_bytes: int, dtype: np.dtype):
+        if max_bytes < 4096:
+            raise DataError(f"--shard-size {max_bytes} bytes is too small; use at least 4KB (typical: 64MB)")
+        self.out_dir, self.prefix, self.max_bytes, self.dtype = out_dir, prefix, max_bytes, dtype
+        self.shards: list[ShardInfo] = []
+        self.documents = 0  # in this split, across shards: the next document's key
+        self._file = self._tar = self._ctx = None
+        self._open_docs = self._open_tokens = 0
+
+    def add(self, tokens: np.ndarray, meta: dict) -> None:
+        payload = npy_bytes(tokens.astype(self.dtype, copy=False))
+        info = json.dumps({**meta, "tokens": int(tokens.size)}, sort_keys=True).encode()
+        size = len(payload) + len(info) + 3 * 512  # two headers + padding, roughly
+        if self._tar is not None and self._file.tell() + size > self.max_bytes:
+            self._close_shard()
+        if self._tar is None:
+            self._open_shard()
+        key = f"{self.documents:010d}"
+        _tar_member(self._tar, f"{key}.npy", payload)
+        _tar_member(self._tar, f"{key}.json", info)
+        self.documents += 1
+        self._open_docs += 1
+        self._open_tokens += int(tokens.size)
+
+    def close(self) -> list[ShardInfo]:
+        if self._tar is not None:
+            self._close_shard()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temporary file goes; finished shards stay)."""
+        if self._ctx is not None:
+            self._tar.close()
+            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            self._ctx = self._tar = self._file = None
+
+    def _path(self) -> Path:
+        return self.out_dir / f"{self.prefix}-{len(self.shards):06d}.tar"
+
+    def _open_shard(self) -> None:
+        self._ctx = atomic_write(self._path())
+        self._file = self._ctx.__enter__()
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._open_docs = self._open_tokens = 0
+
+    def _close_shard(self) -> None:
+        self._tar.close()
+        path = self._path()
+        self._ctx.__exit__(None, None, None)  # fsync + rename into place
+        self.shards.append(ShardInfo(name=path.name, documents=self._open_docs, tokens=self._open_tokens,
+                                     bytes=path.stat().st_size, sha256=file_sha256(path)))
+        self._ctx = self._tar = self._file = None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    write_text_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path}: no manifest; is {str(folder)!r} a folder made by 'gptscale data prepare' "
+                        f"(and did it finish)?")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}; re-run 'gptscale data prepare'")
+    return manifest
+
+
+def split_urls(folder: str | Path, split: str, manifest: dict | None = None) -> list[str]:
+    """Local paths of a split's shards, checking that each exists."""
+    manifest = manifest or read_manifest(folder)
+    if split not in manifest["splits"]:
+        raise DataError(f"{Path(folder) / MANIFEST}: no split {split!r} (has {sorted(manifest['splits'])})")
+    urls = []
+    for shard in manifest["splits"][split]["shards"]:
+        path = Path(folder) / shard["name"]
+        if not path.is_file():
+            raise DataError(f"shard {path} listed in the manifest is missing; restore it or re-run prepare")
+        urls.append(str(path))
+    return urls
+
+
+def shard_info_dicts(shards: list[ShardInfo]) -> list[dict]:
+    return [asdict(s) for s in shards]
+
+
+def matching_tokenizer(folder: str | Path, manifest: dict, tokenizer_path: str | Path | None = None):
+    """The tokenizer to read `folder`'s shards with: the given one or the copy beside the
+    shards; refuses one whose hash differs from the one the shards were made with."""
+    from gptscale.data.tokenizer import TextTokenizer
+
+    path = tokenizer_path or Path(folder) / manifest["tokenizer"]["folder"]
+    tokenizer = TextTokenizer.load(path)
+    expected = manifest["tokenizer"]["sha256"]
+    if tokenizer.sha256 != expected:
+        raise DataError(f"tokenizer {tokenizer.path} (sha256 {tokenizer.sha256[:12]}...) is not the one the shards "
+                        f"in {folder} were made with (sha256 {expected[:12]}...); use {Path(folder) / 'tokenizer'} "
+                        f"or re-run 'gptscale data prepare' with this tokenizer")
+    return tokenizer
