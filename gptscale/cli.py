@@ -16,6 +16,7 @@ commands available in this version:
   info       resolve a run config and show its parameters, per-TP-rank size and rank layout
   selftest   check TP=N against the dense model on N local CPU ranks (gloo)
   data       train a tokenizer, prepare webdataset token shards, inspect them
+  train      pretrain under DeepSpeed ZeRO-3 with tensor parallelism (run it under a launcher)
 """
 
 
@@ -75,6 +76,14 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     from gptscale.testing.selftest import run_selftest
 
     return 0 if run_selftest(args.ranks, timeout=args.timeout) else 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from gptscale import config
+    from gptscale.engine.trainer import train
+
+    result = train(config.load(args.config, args.set), resume=args.resume)
+    return 0 if result.steps_done > 0 or result.stopped_by_signal else 1
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
@@ -187,6 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_selftest)
 
     _add_data_commands(sub)
+
+    p = sub.add_parser("train", help="pretrain with DeepSpeed ZeRO-3 x tensor parallelism",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Pretrain the configured GPT under DeepSpeed ZeRO-3 (TP x DP). Run it under "
+                                   "any launcher; ranks are discovered from its environment:\n"
+                                   "  torchrun --nproc_per_node 2 -m gptscale.cli train --config configs/tiny.yaml\n"
+                                   "  deepspeed --num_gpus 8 -m gptscale.cli train --config ...\n"
+                                   "  mpirun -np 2 gptscale train --config ...\n"
+                                   "Writes metrics.jsonl, TensorBoard events and checkpoints to train.out_dir. "
+                                   "SIGTERM / SIGUSR1 save a checkpoint and exit 0.")
+    p.add_argument("--config", help="run config YAML (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set train.steps=200 --set parallel.tp=2")
+    p.add_argument("--resume", default="auto",
+                   help="auto (default): continue from the newest complete checkpoint in train.out_dir if there "
+                        "is one; none: start fresh; or a checkpoint folder")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

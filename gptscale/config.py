@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import math
 import types
 import typing
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -153,12 +157,96 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """Where training tokens come from.
+
+    path: a folder written by `gptscale data prepare` (its train and val splits), or
+    synthetic: true for random tokens (benchmarks and exact-parity tests; no files).
+    """
+
+    path: str | None = None
+    synthetic: bool = False
+    seq_len: int | None = None  # None: model.block_size
+    num_workers: int = 1  # loader processes per rank; 0 reads in the training process
+    shuffle_shards: int = 2  # shards per shuffle buffer; 0 keeps file order
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "data", ("seq_len",))
+        if self.num_workers < 0 or self.shuffle_shards < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers} and data.shuffle_shards={self.shuffle_shards} "
+                              f"must be >= 0")
+        if (self.path is None) == (not self.synthetic):
+            raise ConfigError("set exactly one of data.path (a folder from 'gptscale data prepare') "
+                              "and data.synthetic=true")
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DECAYS = ("cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation: batch sizes, schedule, precision, checkpoints, logging."""
+
+    out_dir: str = "runs/default"
+    steps: int = 100
+    micro_batch: int = 8  # sequences per rank per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 10
+    decay: str = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: str = "fp32"
+    ds_config: str = "zero3"  # a template in ds_configs/ (zero3, zero3_offload, zero3_nvme) or a JSON path
+    nvme_path: str = "/local_nvme"  # for the zero3_nvme template
+    seed: int = 1234
+    eval_every: int = 50  # steps; 0 = only at the end
+    eval_batches: int = 8
+    log_every: int = 1
+    save_every: int = 0  # steps; 0 = only at the end (and on SIGTERM / SIGUSR1)
+    keep_checkpoints: int = 2
+    init_from: str | None = None  # canonical safetensors weights to start from
+    max_nonfinite: int = 5  # consecutive NaN/Inf losses before the run stops
+    peak_tflops: float | None = None  # per device, for MFU; None: a known GPU's peak, or measured on CPU
+    tensorboard: bool = True
+    wandb: bool = False
+    progress: bool = True
+    sample_tokens: int = 48  # tokens generated from the sample prompt at the end; 0 = none
+    sample_prompt: str = "def "
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "train", ("steps", "micro_batch", "grad_accum", "eval_batches", "log_every",
+                                          "keep_checkpoints", "max_nonfinite"))
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision={self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+        if self.decay not in DECAYS:
+            raise ConfigError(f"train.decay={self.decay!r} is unknown; choose one of {', '.join(DECAYS)}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"train.min_lr={self.min_lr} must be in [0, train.lr={self.lr}]")
+        for name in ("warmup_steps", "eval_every", "save_every", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(synthetic=True))
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
         self.model.check_tensor_parallel(self.parallel.tp)
+        if self.data.seq_len is None:
+            object.__setattr__(self, "data", dataclasses.replace(self.data, seq_len=self.model.block_size))
+        if self.data.seq_len > self.model.block_size:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.block_size={self.model.block_size}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -201,6 +289,8 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     for kind in allowed:
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if kind is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # PyYAML reads 1e-3 (no dot) as a string
         if kind in (int, str, bool) and type(value) is kind:
             return value
     names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptscale.data.atomic import atomic_write, write_text_atomic
+from gptscale.atomic import atomic_write, write_text_atomic
 from gptscale.data.errors import DataError
 
 MANIFEST = "manifest.json"

@@ -14,7 +14,7 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from gptscale.data.atomic import write_text_atomic
+from gptscale.atomic import write_text_atomic
 from gptscale.data.errors import DataError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from gptscale.config import ModelConfig
 from gptscale.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                       VocabParallelHead, mask_vocab_padding, vocab_parallel_cross_entropy)
-from gptscale.parallel.primitives import copy_to_tp, gather_from_tp
+from gptscale.parallel.primitives import gather_from_tp
 from gptscale.parallel.topology import TPGroup
 
 IGNORE_INDEX = -100  # label value that contributes no loss (prompt tokens in SFT, padding)
@@ -170,9 +170,11 @@ class GPT(nn.Module):
         self.cfg, self.tp = cfg, tp
         self.padded_vocab = cfg.padded_vocab_size(tp.size)
         self.embed = VocabParallelEmbedding(cfg.vocab_size, self.padded_vocab, cfg.n_embd, tp, init_std=cfg.init_std)
-        self.pos_embed = None if cfg.uses_rope else nn.Embedding(cfg.block_size, cfg.n_embd)
-        if self.pos_embed is not None:
-            nn.init.normal_(self.pos_embed.weight, std=cfg.init_std)
+        # A bare Parameter initialised here, not an nn.Embedding initialised afterwards: under
+        # ZeRO-3's zero.Init a submodule's parameters are partitioned as soon as it is built.
+        self.pos_embed = None
+        if not cfg.uses_rope:
+            self.pos_embed = nn.Parameter(torch.empty(cfg.block_size, cfg.n_embd).normal_(std=cfg.init_std))
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.block_size, cfg.rope_theta) if cfg.uses_rope else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, tp) for _ in range(cfg.n_layer))
@@ -190,7 +192,7 @@ class GPT(nn.Module):
 
         x = self.embed(input_ids)  # (B, T, d)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(positions)
+            x = x + self.pos_embed[positions]
         x = self.drop(x)
         rope = self.rope(positions) if self.rope is not None else None
         for layer, block in enumerate(self.blocks):
@@ -210,7 +212,7 @@ class GPT(nn.Module):
         if self.head is not None:
             logits = self.head(x)
         else:  # tied: the embedding matrix is the output projection
-            logits = F.linear(copy_to_tp(x, self.tp), self.embed.weight)
+            logits = self.embed(unembed=x)
         return mask_vocab_padding(logits, self.cfg.vocab_size, self.tp)
 
     def full_logits(self, local_logits: torch.Tensor) -> torch.Tensor:

@@ -125,7 +125,14 @@ class VocabParallelEmbedding(nn.Module):
         _init_normal(self.weight, init_std)
         _zero_padding_rows(self.weight, vocab_size, self.vocab_start)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor | None = None, *, unembed: torch.Tensor | None = None) -> torch.Tensor:
+        """ids -> embeddings; or, with `unembed=hidden`, this rank's slice of the tied output logits.
+
+        The tied output projection runs inside this forward on purpose: ZeRO-3 gathers a
+        module's partitioned parameters only while that module's forward runs.
+        """
+        if unembed is not None:
+            return F.linear(copy_to_tp(unembed, self.tp), self.weight)  # (..., V_pad / tp)
         if self.tp.size == 1:
             return F.embedding(ids, self.weight)
         local_ids = ids - self.vocab_start

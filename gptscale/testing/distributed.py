@@ -31,7 +31,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
     results: queue_module.Queue = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="gptscale-ranks-") as tmp:
         store = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_rank_main, daemon=True, name=f"gptscale-rank{rank}",
+        procs = [ctx.Process(target=_rank_main, name=f"gptscale-rank{rank}",  # not daemonic: ranks start loader workers
                              args=(fn, rank, world_size, store, results, args, env or {}, timeout))
                  for rank in range(world_size)]
         for p in procs:

@@ -51,7 +51,7 @@ def reference_logits(model, ids):
 
     x = model.embed.weight[ids]
     if not cfg.uses_rope:
-        x = x + model.pos_embed.weight[:T]
+        x = x + model.pos_embed[:T]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     for block in model.blocks:
         h = norm(block.norm1, x)

@@ -1,0 +1,2 @@
+"""The only package that imports deepspeed: config assembly, initialisation, the training
+loop, checkpoints and metrics."""

@@ -1,0 +1,66 @@
+"""Assemble the DeepSpeed config from a template (DeepSpeed-only sections) and the run config
+(every number that the run config owns). Nothing has to agree by hand."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from gptscale.config import ConfigError, RunConfig
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+OWNED_BY_RUN_CONFIG = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                       "optimizer", "scheduler", "gradient_clipping", "bf16", "fp16", "data_types")
+
+
+def _load_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist; choose a template in {TEMPLATE_DIR} "
+                          f"({', '.join(sorted(p.stem for p in TEMPLATE_DIR.glob('*.json')))}) or give a JSON file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{what} {str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def template_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix == ".json" or path.exists():
+        return path
+    return TEMPLATE_DIR / f"{name}.json"
+
+
+def _substitute(node, values: dict[str, str]):
+    if isinstance(node, dict):
+        return {k: _substitute(v, values) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute(v, values) for v in node]
+    if isinstance(node, str):
+        for key, value in values.items():
+            node = node.replace("${" + key + "}", value)
+    return node
+
+
+def assemble(cfg: RunConfig, dp_size: int, on_gpu: bool) -> dict:
+    """The complete DeepSpeed config for this run on `dp_size` data-parallel replicas."""
+    t = cfg.train
+    template = _load_json(template_path(t.ds_config), "train.ds_config")
+    clashes = [k for k in OWNED_BY_RUN_CONFIG if k in template]
+    if clashes:
+        raise ConfigError(f"train.ds_config {t.ds_config!r} sets {', '.join(clashes)}, which the run config owns "
+                          f"(train.micro_batch, grad_accum, lr, grad_clip, precision); remove them from the template")
+    ds = _substitute(copy.deepcopy(template), {"nvme_path": t.nvme_path})
+    offloads_optimizer = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    ds.update({
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch * t.grad_accum * dp_size,
+        "gradient_clipping": t.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps, "weight_decay": t.weight_decay,
+            # Without CUDA and without offload, DeepSpeed's fused Adam is unavailable: use torch's.
+            **({} if on_gpu or offloads_optimizer else {"torch_adam": True})}},
+    })
+    if t.precision != "fp32":
+        ds.update(_load_json(TEMPLATE_DIR / "precision" / f"{t.precision}.json", "precision template"))
+    return ds
