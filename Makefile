@@ -21,10 +21,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job: the smallest end-to-end thing gptscale has today (see README).
+# The main job: tokenizer + shards from the embedded corpus, then ZeRO-3 pretraining of the
+# tiny preset on 2 CPU ranks, a sample from the checkpoint and the loss plot (see README).
+RUN := runs/tiny
 demo: install
-	$(BIN)/gptscale presets
-	$(BIN)/gptscale selftest --ranks 2
+	$(BIN)/gptscale data train-tokenizer --input builtin:python --vocab-size 4096 --out runs/tokenizer
+	$(BIN)/gptscale data prepare --input builtin:python --tokenizer runs/tokenizer --out runs/data \
+		--shard-size 1MB --val-fraction 0.02 --overwrite
+	rm -rf $(RUN)
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node 2 -m gptscale.cli train \
+		--config configs/tiny.yaml --set train.out_dir=$(RUN)
+	$(BIN)/gptscale generate --checkpoint $(RUN)/checkpoints/step00000300 --prompt "def " --max-new-tokens 60
+	$(BIN)/gptscale plot $(RUN)
 
 # The whole suite. pytest's exit code 5 ("no tests collected") is a failure too.
 test: install

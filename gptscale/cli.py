@@ -17,6 +17,8 @@ commands available in this version:
   selftest   check TP=N against the dense model on N local CPU ranks (gloo)
   data       train a tokenizer, prepare webdataset token shards, inspect them
   train      pretrain under DeepSpeed ZeRO-3 with tensor parallelism (run it under a launcher)
+  generate   sample text from a training checkpoint
+  plot       draw a run's loss curves to RUN/loss.png
 """
 
 
@@ -84,6 +86,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     result = train(config.load(args.config, args.set), resume=args.resume)
     return 0 if result.steps_done > 0 or result.stopped_by_signal else 1
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from gptscale.engine.sampling import generate_from_checkpoint
+
+    print(generate_from_checkpoint(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                                   tokenizer=args.tokenizer))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from gptscale.engine.sampling import plot_run
+
+    print(plot_run(args.run_dir))
+    return 0
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
@@ -213,6 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): continue from the newest complete checkpoint in train.out_dir if there "
                         "is one; none: start fresh; or a checkpoint folder")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample text from a training checkpoint",
+                       description="Consolidate a ZeRO-3 checkpoint (any TP degree) in this process and continue "
+                                   "a prompt. The tokenizer is the training data's, unless --tokenizer is given.")
+    p.add_argument("--checkpoint", required=True, help="RUN/checkpoints/stepNNNNNNNN")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the one of the training data)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("plot", help="loss curves of a run as a PNG")
+    p.add_argument("run_dir", help="a train.out_dir with metrics.jsonl")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 
@@ -220,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"gptscale: error: {err}", file=sys.stderr)
         return 2
 

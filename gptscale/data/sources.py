@@ -271,8 +271,8 @@ def embedded_documents(name: str) -> Iterator[tuple[str, str]]:
 
     pydoc:  the English reference documentation behind help() (pydoc_data.topics), one
             document per topic, ~0.5 MB
-    stdlib: the standard library's own .py sources (tests and site-packages excluded),
-            one document per file, ~13 MB
+    stdlib: the standard library's own .py sources (tests, codec tables and site-packages
+            excluded), one document per file, ~11 MB
     python: both
     """
     if name not in ("pydoc", "stdlib", "python"):
@@ -284,7 +284,9 @@ def embedded_documents(name: str) -> Iterator[tuple[str, str]]:
             yield f"pydoc/{topic}", topics[topic]
     if name in ("stdlib", "python"):
         root = Path(sysconfig.get_paths()["stdlib"])
-        skip = {"site-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
+        # encodings/ holds generated codec tables (hex literals and Unicode names), not code a
+        # person wrote; a small model would spend its capacity memorising them.
+        skip = {"site-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3", "encodings"}
         for file in sorted(root.rglob("*.py")):
             rel = file.relative_to(root)
             if skip.intersection(rel.parts):

@@ -48,6 +48,9 @@ def init_distributed(timeout_s: float = 1800.0) -> LaunchEnv:
     import torch.distributed as dist
 
     found = discover()
+    # DeepSpeed reads these itself, whatever launcher started us.
+    for key, value in (("RANK", found.rank), ("WORLD_SIZE", found.world_size), ("LOCAL_RANK", found.local_rank)):
+        os.environ.setdefault(key, str(value))
     if dist.is_initialized():
         return LaunchEnv("pre-initialised", dist.get_rank(), dist.get_world_size(), found.local_rank)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -176,6 +176,11 @@ class Trainer:
                    disable=not (self.is_writer and t.progress), file=sys.stderr)
         iterator = iter(batches)
         nonfinite_streak, nonfinite_total = 0, 0
+        if step == 0 and t.eval_every:  # the baseline the validation curve falls from
+            result.val_losses[0] = self.evaluate(held_out)
+            metrics.log({"step": 0, "val_loss": result.val_losses[0], "val_ppl": math.exp(min(result.val_losses[0], 50))})
+            if self.is_writer:
+                bar.write(f"step 0: val loss {result.val_losses[0]:.4f} (before training)")
         self.engine.train()
         while step < t.steps:
             start = time.perf_counter()
