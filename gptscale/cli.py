@@ -139,6 +139,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="run config YAML (see configs/); omitted: the defaults")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set model.preset=llama-7b --set parallel.tp=8")
+
+
 def _add_read_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="SPEC",
                    help="files, folders or globs (.txt .jsonl .json [.gz .zst] .parquet), a datasets save_to_disk "
@@ -199,9 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="resolve a config and show sizes and rank layout",
                        description="Resolve a run config (YAML + overrides) and print it with its exact "
                                    "parameter count, the parameters each TP rank holds, and the rank layout.")
-    p.add_argument("--config", help="run config YAML; omitted: the defaults (GPT-2 124M shape)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config value, e.g. --set model.preset=llama-7b --set parallel.tp=8")
+    _add_config_options(p)
     p.add_argument("--world-size", type=int, help="also print the TP/DP/PP groups for this many ranks")
     p.set_defaults(func=cmd_info)
 
@@ -224,9 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "  mpirun -np 2 gptscale train --config ...\n"
                                    "Writes metrics.jsonl, TensorBoard events and checkpoints to train.out_dir. "
                                    "SIGTERM / SIGUSR1 save a checkpoint and exit 0.")
-    p.add_argument("--config", help="run config YAML (see configs/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config value, e.g. --set train.steps=200 --set parallel.tp=2")
+    _add_config_options(p)
     p.add_argument("--resume", default="auto",
                    help="auto (default): continue from the newest complete checkpoint in train.out_dir if there "
                         "is one; none: start fresh; or a checkpoint folder")
