@@ -98,7 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from gptscale.engine.sampling import plot_run
+    from gptscale.plot import plot_run
 
     print(plot_run(args.run_dir))
     return 0

@@ -36,39 +36,3 @@ def generate_from_checkpoint(checkpoint: str, prompt: str, *, max_new_tokens: in
     out = generate(model, torch.tensor([ids]), budget, temperature=temperature, top_k=top_k,
                    generator=torch.Generator().manual_seed(seed), stop_token=tok.eos_id)
     return tok.decode(out[0].tolist())
-
-
-def plot_run(run_dir: str | Path) -> Path:
-    """loss.png in the run folder: training and validation loss against tokens seen."""
-    import json
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from gptscale.atomic import atomic_write
-
-    run = Path(run_dir)
-    metrics = run / "metrics.jsonl"
-    if not metrics.is_file():
-        raise FileNotFoundError(f"{metrics} does not exist; is {run} a gptscale run folder?")
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    train = [r for r in records if "loss" in r]
-    val = [r for r in records if "val_loss" in r]
-    tokens_at = {r["step"]: r["tokens"] for r in train}
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train", lw=1)
-    if val:
-        ax.plot([tokens_at.get(r["step"], float("nan")) for r in val], [r["val_loss"] for r in val], "o-",
-                label="validation")
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("cross-entropy (nats)")
-    ax.set_title(f"{run.name}: {len(train)} logged steps")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    out = run / "loss.png"
-    with atomic_write(out) as f:
-        fig.savefig(f, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return out

@@ -81,8 +81,9 @@ def _seed_all(seed: int) -> None:
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only; norms, biases and positions are not decayed."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n)]
+    decay, rest = [], []
+    for name, param in model.named_parameters():
+        (decay if param.ndim >= 2 and "pos_embed" not in name else rest).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
