@@ -178,3 +178,12 @@ def test_a_checkpoint_cut_by_a_dying_rank_is_never_resumed(tmp_path, shards):
     assert (run_dir / "checkpoints" / "latest").read_text() == "step00000002"
     resumed = run_ranks(_train, 2, overrides, timeout=300, env=ENV)[0]
     assert sorted(resumed["losses"]) == [3, 4]
+
+
+def test_activation_checkpointing_under_zero3_changes_memory_not_maths(tmp_path, init_weights):
+    plain = run_ranks(_train, 2, synthetic(tmp_path, "plain", f"train.init_from={init_weights}"), "none",
+                      timeout=300, env=ENV)[0]["losses"]
+    recomputed = run_ranks(_train, 2, synthetic(tmp_path, "ckpt", f"train.init_from={init_weights}",
+                                                "model.activation_checkpointing=true"), "none",
+                           timeout=300, env=ENV)[0]["losses"]
+    assert recomputed == plain  # bitwise: recomputation replays the same fp32 ops
