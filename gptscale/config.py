@@ -27,6 +27,8 @@ class ConfigError(ValueError):
 
 
 FAMILIES = ("gpt2", "llama")
+MODES = ("auto", "zero3", "pipe")
+PIPE_PARTITIONS = ("parameters", "blocks")
 
 
 @dataclass(frozen=True)
@@ -132,14 +134,38 @@ def llama_ffn_hidden(n_embd: int, multiple_of: int = 256) -> int:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Degrees of parallelism. world_size = tp * pp * dp; dp=None derives it from the world."""
+    """Degrees of parallelism. world_size = tp * pp * dp; dp=None derives it from the world.
+
+    mode: how the model is split (see README, "Parallelism"):
+      zero3  TP x DP, ZeRO-3 over DP (pp must be 1)
+      pipe   TP x PP x DP with DeepSpeed's PipelineEngine (1F1B), ZeRO stage 0/1 over DP
+      auto   zero3 when pp == 1, else pipe
+    pipe_partition: how blocks are spread over stages: `parameters` (balance parameter
+      counts; embedding and head weigh in) or `blocks` (equal numbers of blocks).
+    """
 
     tp: int = 1
     pp: int = 1
     dp: int | None = None
+    mode: str = "auto"
+    pipe_partition: str = "parameters"
 
     def __post_init__(self) -> None:
         _require_positive(self, "parallel", ("tp", "pp", "dp"))
+        if self.mode not in MODES:
+            raise ConfigError(f"parallel.mode={self.mode!r} is unknown; choose one of {', '.join(MODES)}")
+        if self.pipe_partition not in PIPE_PARTITIONS:
+            raise ConfigError(f"parallel.pipe_partition={self.pipe_partition!r} is unknown; choose one of "
+                              f"{', '.join(PIPE_PARTITIONS)}")
+        if self.mode == "zero3" and self.pp > 1:
+            raise ConfigError(f"parallel.mode=zero3 cannot use parallel.pp={self.pp}; set parallel.mode=pipe "
+                              f"(or auto) for pipeline stages, or parallel.pp=1")
+
+    @property
+    def resolved_mode(self) -> str:
+        if self.mode == "auto":
+            return "zero3" if self.pp == 1 else "pipe"
+        return self.mode
 
     def resolve_dp(self, world_size: int) -> int:
         """The data-parallel degree for `world_size` ranks; raises if the product cannot match."""
@@ -203,7 +229,9 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
     precision: str = "fp32"
-    ds_config: str = "zero3"  # a template in ds_configs/ (zero3, zero3_offload, zero3_nvme) or a JSON path
+    # A template in ds_configs/ (zero3, zero3_offload, zero3_nvme, pipe_zero1, pipe_zero0) or a
+    # JSON path; None: the mode's default (zero3, or pipe_zero1 with pipeline stages).
+    ds_config: str | None = None
     nvme_path: str = "/local_nvme"  # for the zero3_nvme template
     seed: int = 1234
     eval_every: int = 50  # steps; 0 = only at the end
@@ -247,6 +275,9 @@ class RunConfig:
             object.__setattr__(self, "data", dataclasses.replace(self.data, seq_len=self.model.block_size))
         if self.data.seq_len > self.model.block_size:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.block_size={self.model.block_size}")
+        if self.parallel.pp > self.model.n_layer:
+            raise ConfigError(f"parallel.pp={self.parallel.pp} exceeds model.n_layer={self.model.n_layer}: every "
+                              f"pipeline stage needs at least one block; use parallel.pp <= {self.model.n_layer}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

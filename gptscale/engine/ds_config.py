@@ -41,14 +41,35 @@ def _substitute(node, values: dict[str, str]):
     return node
 
 
+DEFAULT_TEMPLATE = {"zero3": "zero3", "pipe": "pipe_zero1"}
+MAX_ZERO_STAGE = {"pipe": 1}  # DeepSpeed's PipelineEngine asserts ZeRO stage < 2
+
+
+def template_name(cfg: RunConfig) -> str:
+    return cfg.train.ds_config or DEFAULT_TEMPLATE[cfg.parallel.resolved_mode]
+
+
+def _check_zero_stage(template: dict, name: str, cfg: RunConfig) -> None:
+    mode = cfg.parallel.resolved_mode
+    stage = template.get("zero_optimization", {}).get("stage", 0)
+    if stage > MAX_ZERO_STAGE.get(mode, 3):
+        raise ConfigError(
+            f"train.ds_config {name!r} uses ZeRO stage {stage}, but parallel.mode={mode} (parallel.pp="
+            f"{cfg.parallel.pp}) runs DeepSpeed's PipelineEngine, which supports only ZeRO stage 0 or 1 (it shards "
+            f"no gradients or parameters across pipeline micro-batches); use train.ds_config=pipe_zero1, or "
+            f"parallel.pp=1 for ZeRO-3")
+
+
 def assemble(cfg: RunConfig, dp_size: int, on_gpu: bool) -> dict:
     """The complete DeepSpeed config for this run on `dp_size` data-parallel replicas."""
     t = cfg.train
-    template = _load_json(template_path(t.ds_config), "train.ds_config")
+    name = template_name(cfg)
+    template = _load_json(template_path(name), "train.ds_config")
     clashes = [k for k in OWNED_BY_RUN_CONFIG if k in template]
     if clashes:
-        raise ConfigError(f"train.ds_config {t.ds_config!r} sets {', '.join(clashes)}, which the run config owns "
+        raise ConfigError(f"train.ds_config {name!r} sets {', '.join(clashes)}, which the run config owns "
                           f"(train.micro_batch, grad_accum, lr, grad_clip, precision); remove them from the template")
+    _check_zero_stage(template, name, cfg)
     ds = _substitute(copy.deepcopy(template), {"nvme_path": t.nvme_path})
     offloads_optimizer = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     ds.update({

@@ -23,7 +23,7 @@ import yaml
 from tqdm import tqdm
 
 from gptscale.atomic import write_text_atomic
-from gptscale.config import ConfigError, RunConfig
+from gptscale.config import RunConfig
 from gptscale.engine import checkpoint
 from gptscale.engine.data import tokenizer_for, train_batches, validation_batches
 from gptscale.engine.ds_config import assemble
@@ -112,23 +112,27 @@ class Trainer:
         launch = init_distributed()
         self.deepspeed.init_distributed(dist_backend=dist.get_backend())
         self.topo = Topology.from_env(cfg.parallel)
-        if cfg.parallel.pp > 1:
-            raise ConfigError("parallel.pp > 1 needs the pipeline mode, which this version does not have yet; "
-                              "use parallel.pp=1")
         self.rank = dist.get_rank()
         self.is_writer = self.rank == 0
         self.run_dir = Path(cfg.train.out_dir)
-        self.layout = {"tp": self.topo.layout.tp, "pp": self.topo.layout.pp, "dp": self.topo.layout.dp}
+        self.layout = {"mode": self.mode, "tp": self.topo.layout.tp, "pp": self.topo.layout.pp,
+                       "dp": self.topo.layout.dp}
         self.resume_from = checkpoint.find_resume(self.run_dir, resume)
         self.tokenizer = tokenizer_for(cfg)
+        self.ds_config = assemble(cfg, self.topo.layout.dp, on_gpu())
         if self.is_writer:
-            print(f"gptscale train: {launch.launcher}, {self.topo.layout.world_size} rank(s) = tp {self.layout['tp']} x "
-                  f"dp {self.layout['dp']}, ZeRO stage 3, {cfg.train.precision}, run dir {self.run_dir}", flush=True)
+            l = self.topo.layout
+            print(f"gptscale train: {launch.launcher}, {l.world_size} rank(s) = tp {l.tp} x pp {l.pp} x dp {l.dp}, "
+                  f"{self.describe_mode()}, {cfg.train.precision}, run dir {self.run_dir}", flush=True)
         self._build_engine()
+
+    mode = "zero3"
+
+    def describe_mode(self) -> str:
+        return "ZeRO stage 3"
 
     def _build_engine(self) -> None:
         cfg, ds = self.cfg, self.deepspeed
-        self.ds_config = assemble(cfg, self.topo.layout.dp, on_gpu())
         # Same seed on every rank while building: parameters are identical before ZeRO partitions them.
         _seed_all(cfg.train.seed)
         with ds.zero.Init(config_dict_or_path=self.ds_config, mpu=self.topo,
@@ -176,7 +180,7 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (self.is_writer and t.progress), file=sys.stderr)
         iterator = iter(batches)
-        nonfinite_streak, nonfinite_total = 0, 0
+        self.nonfinite_streak, self.nonfinite_total = 0, 0
         if step == 0 and t.eval_every:  # the baseline the validation curve falls from
             result.val_losses[0] = self.evaluate(held_out)
             metrics.log({"step": 0, "val_loss": result.val_losses[0], "val_ppl": math.exp(min(result.val_losses[0], 50))})
@@ -185,26 +189,9 @@ class Trainer:
         self.engine.train()
         while step < t.steps:
             start = time.perf_counter()
-            losses = []
-            while len(losses) < t.grad_accum:
-                input_ids, labels = next(iterator)
-                loss = self.engine(input_ids, labels=labels)
-                if not self._finite_everywhere(loss):
-                    nonfinite_streak += 1
-                    nonfinite_total += 1
-                    if nonfinite_streak >= t.max_nonfinite:
-                        raise FloatingPointError(
-                            f"{nonfinite_streak} consecutive micro-batches had a non-finite loss at step {step}; "
-                            f"lower train.lr, raise train.warmup_steps or check the data (last good "
-                            f"checkpoint: {checkpoint.complete_checkpoints(self.run_dir / 'checkpoints')[-1:]})")
-                    continue  # skipped on every rank: no backward, no step
-                nonfinite_streak = 0
-                self.engine.backward(loss)
-                self.engine.step()
-                losses.append(loss.item())
+            loss_value = self.train_step(iterator, step)
             step += 1
             elapsed = time.perf_counter() - start
-            loss_value = _dp_mean(sum(losses) / len(losses), self.topo)
             result.losses[step] = loss_value
             tokens_per_s = tokens_per_step / elapsed
             tflops = flops_token * tokens_per_s / self.topo.layout.world_size / 1e12
@@ -214,8 +201,8 @@ class Trainer:
                              "grad_norm": float(grad_norm) if grad_norm is not None else None,
                              "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_s,
                              "tflops_per_device": tflops, "mfu": tflops / peak if peak else None,
-                             "peak_mem_gb": peak_memory_gb(), "nonfinite_skipped": nonfinite_total,
-                             "step_time_s": elapsed})
+                             "peak_mem_gb": peak_memory_gb(), "nonfinite_skipped": self.nonfinite_total,
+                             "step_time_s": elapsed, **self.step_metrics()})
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
@@ -240,6 +227,34 @@ class Trainer:
                 print(f"sample ({t.sample_tokens} tokens after {t.sample_prompt!r}):\n{result.sample}", flush=True)
         metrics.close()
         return result
+
+    def train_step(self, iterator, step: int) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the global mean loss."""
+        losses = []
+        while len(losses) < self.cfg.train.grad_accum:
+            input_ids, labels = next(iterator)
+            loss = self.engine(input_ids, labels=labels)
+            if not self._finite_everywhere(loss):
+                self._count_nonfinite(step, "micro-batches")
+                continue  # skipped on every rank: no backward, no step
+            self.nonfinite_streak = 0
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.item())
+        return _dp_mean(sum(losses) / len(losses), self.topo)
+
+    def _count_nonfinite(self, step: int, what: str) -> None:
+        self.nonfinite_streak += 1
+        self.nonfinite_total += 1
+        if self.nonfinite_streak >= self.cfg.train.max_nonfinite:
+            raise FloatingPointError(
+                f"{self.nonfinite_streak} consecutive {what} had a non-finite loss at step {step}; "
+                f"lower train.lr, raise train.warmup_steps or check the data (last good "
+                f"checkpoint: {checkpoint.complete_checkpoints(self.run_dir / 'checkpoints')[-1:]})")
+
+    def step_metrics(self) -> dict:
+        """Mode-specific entries of the step's metrics record."""
+        return {}
 
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
         bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
@@ -271,4 +286,8 @@ class Trainer:
 
 
 def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
+    if cfg.parallel.resolved_mode == "pipe":
+        from gptscale.engine.pipe_trainer import PipelineTrainer
+
+        return PipelineTrainer(cfg, resume).run()
     return Trainer(cfg, resume).run()

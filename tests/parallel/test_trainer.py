@@ -1,93 +1,16 @@
 """The ZeRO-3 trainer on 2 gloo CPU ranks: parity with dense references, exact resume,
 signals, crash-safe checkpoints."""
 import json
-import os
-import signal
-import threading
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from gptscale import config
 from gptscale.engine.checkpoint import COMPLETE, find_resume
 from gptscale.testing.distributed import RankFailure, run_ranks
+from tests.parallel.training import ENV, plain_adamw_losses, real, synthetic
+from tests.parallel.training import train_ranks as _train
 
 pytestmark = pytest.mark.dist
-ENV = {"DS_ACCELERATOR": "cpu", "GPTSCALE_QUIET_SAVE": "1"}
-SMALL_MODEL = ["model.preset=tiny", "model.vocab_size=512", "model.n_layer=2", "model.n_embd=64",
-               "model.block_size=64"]
-
-
-def _train(overrides, resume="auto", sigterm_after=None):
-    """Rank body: train with `overrides`; optionally SIGTERM this rank after a delay."""
-    import torch.distributed as dist
-
-    from gptscale.engine.trainer import train
-
-    if sigterm_after is not None and dist.get_rank() == 1:
-        threading.Timer(sigterm_after, os.kill, (os.getpid(), signal.SIGTERM)).start()
-    result = train(config.load(None, overrides), resume=resume)
-    return {"losses": result.losses, "val": result.val_losses, "steps": result.steps_done,
-            "signal": result.stopped_by_signal}
-
-
-def synthetic(tmp_path, name, *extra):
-    return [*SMALL_MODEL, "data.synthetic=true", "data.seq_len=32", f"train.out_dir={tmp_path / name}",
-            "train.steps=5", "train.micro_batch=2", "train.grad_accum=2", "train.lr=1e-3", "train.min_lr=1e-4",
-            "train.warmup_steps=2", "train.eval_every=0", "train.eval_batches=1", "train.progress=false",
-            "train.tensorboard=false", "train.sample_tokens=0", *extra]
-
-
-@pytest.fixture(scope="module")
-def init_weights(tmp_path_factory):
-    """Canonical starting weights, so differently split runs start from the same model."""
-    from gptscale.engine.weights import canonical_state_dict, save_canonical
-    from gptscale.model.gpt import GPT
-
-    cfg = config.load(None, [*SMALL_MODEL])
-    torch.manual_seed(42)
-    path = tmp_path_factory.mktemp("init") / "init.safetensors"
-    save_canonical(canonical_state_dict(GPT(cfg.model)), path)
-    return path
-
-
-def plain_adamw_losses(overrides, init_path, steps):
-    """The same run without DeepSpeed: one process, torch AdamW, the whole global batch."""
-    from safetensors.torch import load_file
-
-    from gptscale.convert.tp import split_tp
-    from gptscale.engine.data import SyntheticBatches
-    from gptscale.engine.schedule import lr_at
-    from gptscale.engine.trainer import _param_groups
-    from gptscale.model.gpt import GPT
-    from gptscale.parallel.layers import split_table
-
-    cfg = config.load(None, overrides)
-    t = cfg.train
-    model = GPT(cfg.model)
-    model.load_state_dict(split_tp(load_file(str(init_path)), split_table(model), 1, model.padded_vocab)[0])
-    opt = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
-    # The global batch of the 2-rank run: grad_accum x (dp=2 x micro_batch) rows per step.
-    data = SyntheticBatches(cfg.model.vocab_size, cfg.data.seq_len, t.micro_batch, t.grad_accum, 0, 2, cfg.data.seed)
-    losses = {}
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, t)
-        batch = data.global_batch(step)
-        total = 0.0
-        for micro in range(t.grad_accum):  # dp=2 x micro_batch=2 rows per micro-step, as the ranks split it
-            rows = batch[micro * 4:(micro + 1) * 4]
-            loss = model(rows[:, :-1], labels=rows[:, 1:])
-            (loss / t.grad_accum).backward()
-            total += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        opt.zero_grad()
-        losses[step + 1] = total / t.grad_accum
-    return losses
 
 
 def test_zero3_equals_plain_adamw_and_tp2_equals_tp1(tmp_path, init_weights):
@@ -110,26 +33,6 @@ def test_zero3_equals_plain_adamw_and_tp2_equals_tp1(tmp_path, init_weights):
     _, tp_weights = consolidate(tmp_path / "tp2" / "checkpoints" / "step00000005")
     assert dp_weights.keys() == tp_weights.keys()
     assert max((dp_weights[k] - tp_weights[k]).abs().max().item() for k in dp_weights) < 1e-5
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from gptscale.data.prepare import prepare
-    from gptscale.data.sources import embedded_documents
-    from gptscale.data.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("data")
-    train_tokenizer([text for _, text in embedded_documents("pydoc")], 512, root / "tok")
-    prepare(["builtin:pydoc"], str(root / "tok"), root / "shards", shard_bytes=48 << 10, val_fraction=0.05,
-            workers=1, progress=False)
-    return root / "shards"
-
-
-def real(tmp_path, shards, name, steps, *extra):
-    return [*SMALL_MODEL, f"data.path={shards}", "data.seq_len=32", "data.num_workers=1",
-            f"train.out_dir={tmp_path / name}", f"train.steps={steps}", "train.micro_batch=4", "train.lr=3e-3",
-            "train.min_lr=3e-4", "train.warmup_steps=3", "train.eval_every=0", "train.eval_batches=2",
-            "train.progress=false", "train.sample_tokens=8", *extra]
 
 
 def test_loss_falls_on_real_text_and_metrics_are_written(tmp_path, shards):

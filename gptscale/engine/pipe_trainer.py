@@ -1,0 +1,109 @@
+"""`gptscale train` with pipeline stages: TP x PP x DP on DeepSpeed's PipelineEngine.
+
+The loop, checkpoints, signals and metrics are the ZeRO-3 trainer's; what differs is how
+the model is built (a PipelineModule of the GPT's stage layers), how a step runs (1F1B
+over grad_accum micro-batches inside `train_batch`) and how validation runs (`eval_batch`).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from gptscale.config import ConfigError
+from gptscale.engine.pipeline import (StageTimer, build_pipeline_module, canonical_parameters, idle_fractions_per_stage,
+                                      theoretical_idle_fraction)
+from gptscale.engine.schedule import lr_factor
+from gptscale.engine.trainer import Trainer, _param_groups, _seed_all
+from gptscale.model.pipe import stage_layers
+
+LARGEST_SAMPLED_MODEL = 2_000_000_000  # parameters; bigger ones are not consolidated onto one rank for a sample
+
+
+class PipelineTrainer(Trainer):
+    mode = "pipe"
+
+    def describe_mode(self) -> str:
+        stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        return f"pipeline {self.cfg.parallel.pp} stages (1F1B, {self.cfg.train.grad_accum} micro-batches), ZeRO stage {stage}"
+
+    def _build_engine(self) -> None:
+        cfg, ds = self.cfg, self.deepspeed
+        if cfg.train.grad_accum < cfg.parallel.pp and self.is_writer:
+            warnings.warn(f"train.grad_accum={cfg.train.grad_accum} micro-batches < parallel.pp={cfg.parallel.pp} "
+                          f"stages: at least {theoretical_idle_fraction(cfg.parallel.pp, cfg.train.grad_accum):.0%} "
+                          f"of every step is pipeline bubble; use grad_accum >= {4 * cfg.parallel.pp} for < 20%",
+                          stacklevel=2)
+        _seed_all(cfg.train.seed)  # every stage builds its layers from the same seed
+        model = build_pipeline_module(cfg, self.topo, ds)
+        self.layers = stage_layers(cfg.model, self.topo.tp_group)
+        if cfg.train.init_from:
+            self._load_canonical(model, cfg.train.init_from)
+        self.engine, _, _, _ = ds.initialize(
+            model=model, model_parameters=_param_groups(model, cfg.train.weight_decay), config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.train)))
+        self.timer = StageTimer(self.engine)
+        _seed_all(cfg.train.seed + 1000 * self.topo.coords.dp + 1)
+
+    def _load_canonical(self, model, path: str) -> None:
+        from safetensors.torch import load_file
+
+        from gptscale.convert.tp import split_tp
+        from gptscale.model.gpt import GPT
+        from gptscale.parallel.layers import split_table
+        from gptscale.parallel.topology import TPGroup
+
+        canonical = load_file(path)
+        with torch.device("meta"):
+            dense = GPT(self.cfg.model, TPGroup(group=None, rank=0, size=self.topo.layout.tp))
+        mine = canonical_parameters(model, self.layers)
+        needed = {name: canonical[name] for name in mine if name in canonical}
+        missing = sorted(set(mine) - set(canonical))
+        if missing:
+            raise ConfigError(f"train.init_from={path}: weights do not fit model ({len(missing)} missing, "
+                              f"e.g. {missing[:3]})")
+        table = {name: split for name, split in split_table(dense).items() if name in needed}
+        shard = split_tp(needed, table, self.topo.layout.tp, dense.padded_vocab)[self.topo.coords.tp]
+        with torch.no_grad():
+            for name, param in mine.items():
+                if tuple(param.shape) != tuple(shard[name].shape):
+                    raise ConfigError(f"train.init_from={path}: {name} has shape {tuple(shard[name].shape)} for "
+                                      f"this rank, the model expects {tuple(param.shape)}")
+                param.copy_(shard[name])
+
+    def train_step(self, iterator, step: int) -> float:
+        loss = self.engine.train_batch(iterator).item()  # already the mean over micro-batches and DP
+        if loss != loss or loss in (float("inf"), float("-inf")):
+            # The PipelineEngine applies the whole step before the loss is known: count it, and stop
+            # after max_nonfinite in a row, but it cannot be skipped as in ZeRO-3 mode.
+            self._count_nonfinite(step, "steps")
+        else:
+            self.nonfinite_streak = 0
+        return loss
+
+    def step_metrics(self) -> dict:
+        measured = idle_fractions_per_stage(self.timer, self.topo)
+        return {"pipe_idle_fraction": measured,
+                "pipe_idle_theory": theoretical_idle_fraction(self.topo.layout.pp, self.cfg.train.grad_accum)}
+
+    @torch.no_grad()
+    def evaluate(self, held_out) -> float:
+        loss = self.engine.eval_batch(iter(held_out), num_micro_batches=len(held_out))
+        self.engine.train()
+        self.timer.idle_fraction()  # evaluation is not part of a training step's bubble
+        return float(loss)
+
+    def sample(self) -> str | None:
+        """Generated on rank 0 from the final checkpoint, consolidated into one dense model."""
+        from gptscale.engine.checkpoint import complete_checkpoints
+        from gptscale.engine.sampling import generate_from_checkpoint
+        from gptscale.model.counting import count_parameters
+
+        final = complete_checkpoints(self.run_dir / "checkpoints")[-1]
+        if not self.is_writer:
+            return None
+        if count_parameters(self.cfg.model).total > LARGEST_SAMPLED_MODEL:
+            return f"(model too large to sample on one rank; run: gptscale generate {final})"
+        t = self.cfg.train
+        return generate_from_checkpoint(str(final), t.sample_prompt, max_new_tokens=t.sample_tokens,
+                                        temperature=0.8, top_k=50, seed=t.seed)

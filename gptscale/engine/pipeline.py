@@ -1,0 +1,149 @@
+"""The GPT's stage layers as a DeepSpeed `PipelineModule`, and what the pipeline mode needs
+around it: canonical weights in and out of stages, and per-stage bubble timings.
+
+DeepSpeed's rank grid (`PipeModelDataParallelTopology`: pipe slowest, model fastest) and
+gptscale's `RankLayout` order ranks the same way; `build_pipeline_module` checks this, so
+the TP groups our layers use and the stage / DP groups DeepSpeed builds agree.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from gptscale.config import RunConfig
+from gptscale.model.pipe import PipeBlock, PipelineLoss, StageLayer, layers_with_parameters, stage_layers
+from gptscale.parallel.topology import Topology
+
+
+def build_pipeline_module(cfg: RunConfig, topo: Topology, deepspeed):
+    """This rank's stage of the GPT as a PipelineModule (layers partitioned over parallel.pp stages)."""
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    layout = topo.layout
+    grid = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
+    for rank in range(layout.world_size):
+        ours, theirs = layout.coords(rank), grid.get_coord(rank)
+        if (ours.pp, ours.dp, ours.tp) != (theirs.pipe, theirs.data, theirs.model):
+            raise RuntimeError(f"rank {rank}: gptscale places it at {ours}, DeepSpeed at {theirs}; "
+                               f"the two rank orders must agree")
+    specs = []
+    for layer in stage_layers(cfg.model, topo.tp_group):
+        if layer.tie_key is not None:
+            specs.append(TiedLayerSpec(layer.tie_key, layer.build, *layer.args, forward_fn=layer.forward_fn,
+                                       tied_weight_attr=["embed.weight"]))
+        else:
+            specs.append(LayerSpec(layer.build, *layer.args))
+    interval = 1 if cfg.model.activation_checkpointing else 0
+    # Built without autograd: DeepSpeed broadcasts the tied weights in place while building,
+    # which autograd would otherwise record as an op it cannot differentiate.
+    with torch.no_grad():
+        return PipelineModule(
+            layers=specs, topology=grid, loss_fn=PipelineLoss(topo.tp_group),
+            partition_method="type:PipeBlock" if cfg.parallel.pipe_partition == "blocks" else "parameters",
+            activation_checkpoint_interval=interval,
+            # torch's non-reentrant checkpoint needs no DeepSpeed checkpointing configuration and
+            # lets gradients reach the embedding; only blocks are recomputed.
+            activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
+            checkpointable_layers=[PipeBlock.__name__])
+
+
+def local_layers(pipe_module, layers: list[StageLayer]) -> list[tuple[StageLayer, nn.Module]]:
+    """(layer description, module) for each distinct module of this rank's stage."""
+    out, seen = [], set()
+    for offset in range(len(pipe_module.forward_funcs)):
+        layer = layers[pipe_module._local_start + offset]
+        module = (pipe_module.tied_modules[layer.tie_key] if layer.tie_key is not None
+                  else pipe_module.forward_funcs[offset])
+        if id(module) not in seen:
+            seen.add(id(module))
+            out.append((layer, module))
+    return out
+
+
+def canonical_parameters(pipe_module, layers: list[StageLayer]) -> dict[str, nn.Parameter]:
+    """canonical name -> parameter, for this rank's stage (and TP shard)."""
+    return {layer.prefix + name: param for layer, module in local_layers(pipe_module, layers)
+            for name, param in module.named_parameters()}
+
+
+def layer_file(ckpt: Path, layer_index: int, tp_rank: int) -> Path:
+    """DeepSpeed's name for one pipeline layer's weights of one TP rank."""
+    return ckpt / f"layer_{layer_index:02d}-model_{tp_rank:02d}-model_states.pt"
+
+
+def load_pipeline_shards(ckpt: Path, cfg: RunConfig, tp: int) -> list[dict[str, torch.Tensor]]:
+    """One canonical-named (vocabulary still padded) state dict per TP rank from a pipeline checkpoint."""
+    from gptscale.parallel.topology import TPGroup
+
+    with torch.device("meta"):
+        layers = stage_layers(cfg.model, TPGroup(group=None, rank=0, size=tp))
+    shards = []
+    for tp_rank in range(tp):
+        shard = {}
+        for index in layers_with_parameters(layers):
+            path = layer_file(ckpt, index, tp_rank)
+            if not path.is_file():
+                raise FileNotFoundError(f"pipeline checkpoint {ckpt} lacks {path.name}; it is incomplete or "
+                                        f"was written by another model")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            shard.update({layers[index].prefix + name: tensor.float() for name, tensor in state.items()})
+        shards.append(shard)
+    return shards
+
+
+class StageTimer:
+    """Times the PipelineEngine's instructions on this stage, to measure the pipeline bubble.
+
+    busy = forward + backward passes; pipeline time = every instruction of the schedule
+    except the gradient reduction and optimizer step that follow it. The idle fraction
+    1 - busy / pipeline time is this stage's bubble (plus waiting for slower stages);
+    for equal stages 1F1B's theory is (p - 1) / (m + p - 1).
+    """
+
+    BUSY = ("ForwardPass", "BackwardPass")
+    AFTER_PIPELINE = ("ReduceGrads", "ReduceTiedGrads", "OptimizerStep")
+
+    def __init__(self, engine):
+        self.seconds: dict[str, float] = defaultdict(float)
+        # The engine dispatches through the class attribute _INSTRUCTION_MAP; an instance
+        # attribute of wrapped handlers shadows it for this engine only.
+        engine._INSTRUCTION_MAP = {kind: self._timed(kind.__name__, handler)
+                                   for kind, handler in type(engine)._INSTRUCTION_MAP.items()}
+
+    def _timed(self, name: str, handler):
+        def run(engine, **kwargs):
+            start = time.perf_counter()
+            try:
+                return handler(engine, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - start
+        return run
+
+    def idle_fraction(self) -> float | None:
+        """This stage's idle fraction since the last call (None before any work)."""
+        busy = sum(self.seconds[k] for k in self.BUSY)
+        pipeline = sum(v for k, v in self.seconds.items() if k not in self.AFTER_PIPELINE)
+        self.seconds.clear()
+        return None if pipeline <= 0 else max(0.0, 1.0 - busy / pipeline)
+
+
+def idle_fractions_per_stage(timer: StageTimer, topo: Topology) -> list[float]:
+    """Every stage's idle fraction (in stage order), gathered over this rank's pipe group."""
+    mine = timer.idle_fraction()
+    value = torch.tensor([mine if mine is not None else float("nan")], dtype=torch.float64)
+    gathered = [torch.zeros_like(value) for _ in range(topo.layout.pp)]
+    dist.all_gather(gathered, value, group=topo.get_pipe_parallel_group())
+    return [g.item() for g in gathered]
+
+
+def theoretical_idle_fraction(stages: int, micro_batches: int) -> float:
+    """1F1B/GPipe bubble share of a step for equal stages: (p - 1) / (m + p - 1)."""
+    return (stages - 1) / (micro_batches + stages - 1)

@@ -1,0 +1,98 @@
+"""Shared pieces of the trainer tests: rank bodies, run configs and the dense reference."""
+import os
+import signal
+import threading
+
+import torch
+
+from gptscale import config
+
+ENV = {"DS_ACCELERATOR": "cpu", "GPTSCALE_QUIET_SAVE": "1"}
+SMALL_MODEL = ["model.preset=tiny", "model.vocab_size=512", "model.n_layer=2", "model.n_embd=64",
+               "model.block_size=64"]
+SMALL_GPT2_4_BLOCKS = [*SMALL_MODEL, "model.n_layer=4"]  # enough blocks for 4 pipeline stages
+# Untied head, RoPE, RMSNorm, SwiGLU, grouped-query attention (4 heads over 2 KV heads).
+SMALL_LLAMA = ["model.preset=tiny-llama", "model.vocab_size=512", "model.n_layer=4", "model.n_embd=64",
+               "model.n_head=4", "model.n_kv_head=2", "model.block_size=64"]
+
+
+def train_ranks(overrides, resume="auto", sigterm_after=None):
+    """Rank body: train with `overrides`; optionally SIGTERM rank 1 after a delay."""
+    import torch.distributed as dist
+
+    from gptscale.engine.trainer import train
+
+    if sigterm_after is not None and dist.get_rank() == 1:
+        threading.Timer(sigterm_after, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    result = train(config.load(None, overrides), resume=resume)
+    return {"losses": result.losses, "val": result.val_losses, "steps": result.steps_done,
+            "signal": result.stopped_by_signal, "sample": result.sample}
+
+
+def synthetic(tmp_path, name, *extra, model=SMALL_MODEL):
+    """5 steps of 2 micro-steps x 4 rows (micro_batch=2 on each of 2 DP ranks) of synthetic data."""
+    return [*model, "data.synthetic=true", "data.seq_len=32", f"train.out_dir={tmp_path / name}",
+            "train.steps=5", "train.micro_batch=2", "train.grad_accum=2", "train.lr=1e-3", "train.min_lr=1e-4",
+            "train.warmup_steps=2", "train.eval_every=0", "train.eval_batches=1", "train.progress=false",
+            "train.tensorboard=false", "train.sample_tokens=0", *extra]
+
+
+def real(tmp_path, shards, name, steps, *extra):
+    return [*SMALL_MODEL, f"data.path={shards}", "data.seq_len=32", "data.num_workers=1",
+            f"train.out_dir={tmp_path / name}", f"train.steps={steps}", "train.micro_batch=4", "train.lr=3e-3",
+            "train.min_lr=3e-4", "train.warmup_steps=3", "train.eval_every=0", "train.eval_batches=2",
+            "train.progress=false", "train.sample_tokens=8", *extra]
+
+
+def save_init_weights(path, model_overrides, seed=42):
+    """Canonical starting weights, so differently split runs start from the same model."""
+    from gptscale.engine.weights import canonical_state_dict, save_canonical
+    from gptscale.model.gpt import GPT
+
+    cfg = config.load(None, model_overrides)
+    torch.manual_seed(seed)
+    save_canonical(canonical_state_dict(GPT(cfg.model)), path)
+    return path
+
+
+def plain_adamw_losses(overrides, init_path, steps, rows_per_micro_step=4):
+    return dense_reference(overrides, init_path, steps, rows_per_micro_step)[0]
+
+
+def dense_reference(overrides, init_path, steps, rows_per_micro_step=4):
+    """The same run without DeepSpeed: one process, torch AdamW, the whole global batch
+    (grad_accum micro-steps of `rows_per_micro_step` = dp x micro_batch rows, as the ranks split it).
+    Returns ({step: loss}, the final canonical weights)."""
+    from safetensors.torch import load_file
+
+    from gptscale.convert.tp import split_tp
+    from gptscale.engine.data import SyntheticBatches
+    from gptscale.engine.schedule import lr_at
+    from gptscale.engine.trainer import _param_groups
+    from gptscale.engine.weights import canonical_state_dict
+    from gptscale.model.gpt import GPT
+    from gptscale.parallel.layers import split_table
+
+    cfg = config.load(None, overrides)
+    t = cfg.train
+    model = GPT(cfg.model)
+    model.load_state_dict(split_tp(load_file(str(init_path)), split_table(model), 1, model.padded_vocab)[0])
+    opt = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    data = SyntheticBatches(cfg.model.vocab_size, cfg.data.seq_len, rows_per_micro_step, t.grad_accum, 0, 1,
+                            cfg.data.seed)
+    losses = {}
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, t)
+        batch = data.global_batch(step)
+        total = 0.0
+        for micro in range(t.grad_accum):
+            rows = batch[micro * rows_per_micro_step:(micro + 1) * rows_per_micro_step]
+            loss = model(rows[:, :-1], labels=rows[:, 1:])
+            (loss / t.grad_accum).backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        losses[step + 1] = total / t.grad_accum
+    return losses, canonical_state_dict(model)
