@@ -60,9 +60,9 @@ def _check_zero_stage(template: dict, name: str, cfg: RunConfig) -> None:
             f"parallel.pp=1 for ZeRO-3")
 
 
-def assemble(cfg: RunConfig, dp_size: int, on_gpu: bool) -> dict:
-    """The complete DeepSpeed config for this run on `dp_size` data-parallel replicas."""
-    t = cfg.train
+def load_template(cfg: RunConfig) -> dict:
+    """The run's DeepSpeed template, checked against the run config (cheap: call it before
+    starting distributed work, so a bad choice fails at once on every rank)."""
     name = template_name(cfg)
     template = _load_json(template_path(name), "train.ds_config")
     clashes = [k for k in OWNED_BY_RUN_CONFIG if k in template]
@@ -70,7 +70,13 @@ def assemble(cfg: RunConfig, dp_size: int, on_gpu: bool) -> dict:
         raise ConfigError(f"train.ds_config {name!r} sets {', '.join(clashes)}, which the run config owns "
                           f"(train.micro_batch, grad_accum, lr, grad_clip, precision); remove them from the template")
     _check_zero_stage(template, name, cfg)
-    ds = _substitute(copy.deepcopy(template), {"nvme_path": t.nvme_path})
+    return template
+
+
+def assemble(cfg: RunConfig, dp_size: int, on_gpu: bool) -> dict:
+    """The complete DeepSpeed config for this run on `dp_size` data-parallel replicas."""
+    t = cfg.train
+    ds = _substitute(copy.deepcopy(load_template(cfg)), {"nvme_path": t.nvme_path})
     offloads_optimizer = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     ds.update({
         "train_micro_batch_size_per_gpu": t.micro_batch,

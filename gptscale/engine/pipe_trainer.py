@@ -6,12 +6,12 @@ over grad_accum micro-batches inside `train_batch`) and how validation runs (`ev
 """
 from __future__ import annotations
 
-import warnings
+import sys
 
 import torch
 
 from gptscale.config import ConfigError
-from gptscale.engine.pipeline import (StageTimer, build_pipeline_module, canonical_parameters, idle_fractions_per_stage,
+from gptscale.engine.pipeline import (StageTimer, bubble_warning, build_pipeline_module, canonical_parameters, idle_fractions_per_stage,
                                       theoretical_idle_fraction)
 from gptscale.engine.schedule import lr_factor
 from gptscale.engine.trainer import Trainer, _param_groups, _seed_all
@@ -29,11 +29,9 @@ class PipelineTrainer(Trainer):
 
     def _build_engine(self) -> None:
         cfg, ds = self.cfg, self.deepspeed
-        if cfg.train.grad_accum < cfg.parallel.pp and self.is_writer:
-            warnings.warn(f"train.grad_accum={cfg.train.grad_accum} micro-batches < parallel.pp={cfg.parallel.pp} "
-                          f"stages: at least {theoretical_idle_fraction(cfg.parallel.pp, cfg.train.grad_accum):.0%} "
-                          f"of every step is pipeline bubble; use grad_accum >= {4 * cfg.parallel.pp} for < 20%",
-                          stacklevel=2)
+        warning = bubble_warning(cfg)
+        if warning and self.is_writer:
+            print(f"gptscale: warning: {warning}", file=sys.stderr, flush=True)
         _seed_all(cfg.train.seed)  # every stage builds its layers from the same seed
         model = build_pipeline_module(cfg, self.topo, ds)
         self.layers = stage_layers(cfg.model, self.topo.tp_group)

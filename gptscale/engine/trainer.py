@@ -26,7 +26,7 @@ from gptscale.atomic import write_text_atomic
 from gptscale.config import RunConfig
 from gptscale.engine import checkpoint
 from gptscale.engine.data import tokenizer_for, train_batches, validation_batches
-from gptscale.engine.ds_config import assemble
+from gptscale.engine.ds_config import assemble, load_template
 from gptscale.engine.ds_env import import_deepspeed, on_gpu
 from gptscale.engine.launch_env import init_distributed
 from gptscale.engine.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
@@ -107,6 +107,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, resume: str = "auto"):
         self.cfg = cfg
         self.stop = StopRequest()  # first: a preemption notice during start-up must not be lost
+        load_template(cfg)  # a wrong DeepSpeed template fails before any rank waits for another
         self.deepspeed = import_deepspeed()
         _quiet_libraries()
         launch = init_distributed()

@@ -31,6 +31,10 @@ def one_line_error(done, message):
     (["--set", "data.path=/nonexistent/data"], "/nonexistent/data/manifest.json: no manifest"),
     (["--set", "data.synthetic=true", "--set", "parallel.dp=2"],
      "parallel.tp*pp*dp=1*1*2=2 does not equal the world size 1"),
+    (["--set", "data.synthetic=true", "--set", "parallel.pp=2", "--set", "train.ds_config=zero3"],
+     "train.ds_config 'zero3' uses ZeRO stage 3, but parallel.mode=pipe (parallel.pp=2) runs DeepSpeed's "
+     "PipelineEngine, which supports only ZeRO stage 0 or 1"),
+    (["--set", "data.synthetic=true", "--set", "parallel.pp=3"], "parallel.pp=3 exceeds model.n_layer=2"),
 ])
 def test_bad_input(tmp_path, extra, message):
     done = gptscale("train", *SMALL, "--set", f"train.out_dir={tmp_path / 'run'}", *extra)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gptscale.testing.distributed import run_ranks
-from tests.parallel.training import (ENV, SMALL_GPT2_4_BLOCKS, SMALL_LLAMA, dense_reference, plain_adamw_losses, real, synthetic,
-                                     train_ranks)
+from tests.parallel.training import (ENV, SMALL_GPT2_4_BLOCKS, SMALL_LLAMA, check_exact_resume, dense_reference,
+                                     plain_adamw_losses, synthetic, train_ranks)
 
 pytestmark = pytest.mark.dist
 
@@ -77,3 +77,18 @@ def _loss_with(overrides, canonical):
     with torch.no_grad():
         return model(rows[:, :-1], labels=rows[:, 1:]).item()
 
+
+
+def test_pipeline_resumes_exactly_evaluates_and_samples(tmp_path, shards):
+    """PP=2 x DP=2 on real text: exact resume and SIGTERM as in ZeRO-3 mode; validation loss,
+    the bubble metrics and the end-of-run sample (generated from the pipeline checkpoint)."""
+    full = check_exact_resume(tmp_path, shards, 4, "parallel.pp=2", "model.n_layer=4", "train.grad_accum=2",
+                              "train.micro_batch=2", "data.num_workers=0", "train.eval_every=3")
+    assert set(full["val"]) == {0, 3, 6} and full["val"][6] < full["val"][0]
+    assert full["sample"] and full["sample"].startswith("def ")
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    step_rows = [r for r in records if "loss" in r]
+    assert len(step_rows) == 6
+    for row in step_rows:
+        assert len(row["pipe_idle_fraction"]) == 2 and all(0.0 <= f < 1.0 for f in row["pipe_idle_fraction"])
+        assert row["pipe_idle_theory"] == pytest.approx(1 / 3)  # (p - 1) / (m + p - 1) with p = m = 2

@@ -7,7 +7,7 @@ import pytest
 
 from gptscale.engine.checkpoint import COMPLETE, find_resume
 from gptscale.testing.distributed import RankFailure, run_ranks
-from tests.parallel.training import ENV, plain_adamw_losses, real, synthetic
+from tests.parallel.training import ENV, check_exact_resume, plain_adamw_losses, real, synthetic
 from tests.parallel.training import train_ranks as _train
 
 pytestmark = pytest.mark.dist
@@ -49,25 +49,7 @@ def test_loss_falls_on_real_text_and_metrics_are_written(tmp_path, shards):
 
 
 def test_exact_resume_after_kill_and_after_sigterm(tmp_path, shards):
-    full = run_ranks(_train, 2, real(tmp_path, shards, "full", 6), "none", timeout=300, env=ENV)[0]["losses"]
-    # N steps, "kill" (the run ends), resume for N more.
-    run_ranks(_train, 2, real(tmp_path, shards, "split", 3), timeout=300, env=ENV)
-    second = run_ranks(_train, 2, real(tmp_path, shards, "split", 6), timeout=300, env=ENV)[0]["losses"]
-    assert sorted(second) == [4, 5, 6]
-    for step in (4, 5, 6):
-        assert second[step] == full[step], (step, second, full)  # bitwise: fp32 CPU is deterministic
-    # SIGTERM to one rank at a random point: every rank saves and exits 0; resuming completes the run.
-    delay = float(np.random.default_rng().uniform(4.0, 9.0))
-    stopped = run_ranks(_train, 2, real(tmp_path, shards, "sig", 6), "none", delay, timeout=300, env=ENV)
-    if stopped[0]["steps"] < 6:
-        assert all(r["signal"] for r in stopped), stopped
-        done = stopped[0]["steps"]
-        rest = run_ranks(_train, 2, real(tmp_path, shards, "sig", 6), timeout=300, env=ENV)[0]["losses"]
-        assert sorted(rest) == list(range(done + 1, 7))
-        both = {**stopped[0]["losses"], **rest}
-    else:
-        both = stopped[0]["losses"]  # the signal came after the last step
-    assert both == full
+    check_exact_resume(tmp_path, shards, world=2)
 
 
 def test_a_checkpoint_cut_by_a_dying_rank_is_never_resumed(tmp_path, shards):

@@ -44,6 +44,38 @@ def real(tmp_path, shards, name, steps, *extra):
             "train.progress=false", "train.sample_tokens=8", *extra]
 
 
+def check_exact_resume(tmp_path, shards, world, *extra, timeout=300):
+    """6 steps in one go == 3 steps, end, resume for 3 more (bitwise), and a run SIGTERMed at a
+    random point saves on every rank, exits 0 and resumes to the same losses. Returns the full
+    run's result (rank 0)."""
+    import numpy as np
+
+    from gptscale.testing.distributed import run_ranks
+
+    def run(name, steps, *args):
+        return run_ranks(train_ranks, world, real(tmp_path, shards, name, steps, *extra), *args, timeout=timeout,
+                         env=ENV)
+
+    full = run("full", 6, "none")[0]
+    run("split", 3)  # N steps, "kill" (the run ends) ...
+    second = run("split", 6)[0]["losses"]  # ... resume for N more
+    assert sorted(second) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert second[step] == full["losses"][step], (step, second, full)  # bitwise: fp32 CPU is deterministic
+    delay = float(np.random.default_rng().uniform(4.0, 9.0))
+    stopped = run("sig", 6, "none", delay)
+    if stopped[0]["steps"] < 6:
+        assert all(r["signal"] for r in stopped), stopped
+        done = stopped[0]["steps"]
+        rest = run("sig", 6)[0]["losses"]
+        assert sorted(rest) == list(range(done + 1, 7))
+        both = {**stopped[0]["losses"], **rest}
+    else:
+        both = stopped[0]["losses"]  # the signal came after the last step
+    assert both == full["losses"]
+    return full
+
+
 def save_init_weights(path, model_overrides, seed=42):
     """Canonical starting weights, so differently split runs start from the same model."""
     from gptscale.engine.weights import canonical_state_dict, save_canonical

@@ -37,6 +37,10 @@ def test_load_yaml_with_preset_and_overrides(tmp_path):
     (["parallel.dp=0"], "parallel.dp=0 must be >= 1"),
     (["model.preset=gpt5"], "model.preset='gpt5' is unknown"),
     (["model"], "override 'model' is not of the form section.key=value"),
+    (["model.n_layer=2", "parallel.pp=3"], "parallel.pp=3 exceeds model.n_layer=2: every pipeline stage needs"),
+    (["parallel.pp=2", "parallel.mode=zero3"], "parallel.mode=zero3 cannot use parallel.pp=2"),
+    (["parallel.mode=pipeline"], "parallel.mode='pipeline' is unknown; choose one of auto, zero3, pipe"),
+    (["parallel.pipe_partition=type"], "parallel.pipe_partition='type' is unknown"),
 ])
 def test_bad_input_gets_one_clear_error(overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -74,3 +78,9 @@ def test_missing_and_malformed_files(tmp_path):
 def test_every_preset_is_valid():
     for name in preset_names():
         assert preset(name).n_layer >= 1
+
+
+def test_mode_follows_pipeline_degree_unless_set():
+    assert config.load(None, []).parallel.resolved_mode == "zero3"
+    assert config.load(None, ["parallel.pp=2"]).parallel.resolved_mode == "pipe"
+    assert config.load(None, ["parallel.mode=pipe"]).parallel.resolved_mode == "pipe"  # one stage is allowed

@@ -1,0 +1,83 @@
+"""The GPT as pipeline stage layers (no DeepSpeed): the same function and parameter names as
+the dense model, and the pipeline mode's config rules."""
+import pytest
+import torch
+
+from gptscale import config
+from gptscale.config import ConfigError
+from gptscale.engine.ds_config import assemble
+from gptscale.engine.pipeline import bubble_warning, theoretical_idle_fraction
+from gptscale.model.gpt import GPT
+from gptscale.model.pipe import PipelineLoss, layers_with_parameters, stage_layers
+from gptscale.parallel.topology import TPGroup
+
+FAMILIES = {
+    "gpt2": ["model.preset=tiny", "model.vocab_size=300", "model.n_layer=3", "model.n_embd=64", "model.block_size=32"],
+    "llama": ["model.preset=tiny-llama", "model.vocab_size=300", "model.n_layer=3", "model.n_embd=64",
+              "model.n_head=4", "model.n_kv_head=2", "model.block_size=32"],
+}
+
+
+def _run_layers(cfg, dense):
+    """Build the stage layers, give them the dense model's weights by canonical name, run them in order."""
+    layers = stage_layers(cfg.model, TPGroup.single())
+    built, modules = {}, []
+    for layer in layers:
+        if layer.tie_key in built:
+            module = built[layer.tie_key]
+        else:
+            module = layer.build(*layer.args)
+            dense_params = dict(dense.named_parameters())
+            for name, param in module.named_parameters():
+                with torch.no_grad():
+                    param.copy_(dense_params[layer.prefix + name])
+            if layer.tie_key:
+                built[layer.tie_key] = module
+        modules.append((layer, module))
+    return modules
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_stage_layers_compute_the_dense_model(family):
+    cfg = config.load(None, FAMILIES[family])
+    torch.manual_seed(0)
+    dense = GPT(cfg.model)
+    ids = torch.randint(0, 300, (2, 16))
+    labels = torch.randint(0, 300, (2, 16))
+    x = ids
+    names = set()
+    for layer, module in _run_layers(cfg, dense):
+        x = layer.forward_fn(module, x) if layer.forward_fn else module(x)
+        names |= {layer.prefix + n for n, _ in module.named_parameters()}
+    assert names == {n for n, _ in dense.named_parameters()}  # canonical names, every parameter once
+    assert torch.equal(x, dense(ids))
+    assert torch.equal(PipelineLoss(TPGroup.single())(x, labels), dense(ids, labels=labels))
+
+
+def test_a_tied_layer_is_stored_once():
+    gpt2 = stage_layers(config.load(None, FAMILIES["gpt2"]).model, TPGroup.single())
+    llama = stage_layers(config.load(None, FAMILIES["llama"]).model, TPGroup.single())
+    assert gpt2[0].tie_key == gpt2[-1].tie_key == "embed" and gpt2[-1].forward_fn is not None
+    assert layers_with_parameters(gpt2) == list(range(len(gpt2) - 1))
+    assert layers_with_parameters(llama) == list(range(len(llama)))
+
+
+def test_zero_stage_two_or_three_is_refused_with_pipeline_stages():
+    cfg = config.load(None, ["parallel.pp=2", "train.ds_config=zero3"])
+    with pytest.raises(ConfigError, match="uses ZeRO stage 3, but parallel.mode=pipe .* supports only ZeRO stage 0 "
+                                          "or 1.*use train.ds_config=pipe_zero1"):
+        assemble(cfg, 1, on_gpu=False)
+    default = assemble(config.load(None, ["parallel.pp=2", "train.precision=bf16"]), 2, on_gpu=False)
+    assert default["zero_optimization"]["stage"] == 1
+    assert default["data_types"] == {"grad_accum_dtype": "fp32"}  # bf16 + PP + ZeRO-1 needs fp32 accumulation
+    assert assemble(config.load(None, ["parallel.pp=2", "train.ds_config=pipe_zero0"]), 1, False)[
+        "zero_optimization"]["stage"] == 0
+
+
+def test_bubble_theory_and_warning():
+    assert theoretical_idle_fraction(2, 2) == pytest.approx(1 / 3)
+    assert theoretical_idle_fraction(4, 1) == pytest.approx(3 / 4)
+    assert theoretical_idle_fraction(1, 8) == 0.0
+    assert bubble_warning(config.load(None, ["parallel.pp=4", "train.grad_accum=4"])) is None
+    warning = bubble_warning(config.load(None, ["parallel.pp=4", "train.grad_accum=2"]))
+    assert "train.grad_accum=2 micro-batches < parallel.pp=4 stages: 60% of every step is pipeline bubble" in warning
