@@ -88,7 +88,7 @@ class PipelineTrainer(Trainer):
     def evaluate(self, held_out) -> float:
         loss = self.engine.eval_batch(iter(held_out), num_micro_batches=len(held_out))
         self.engine.train()
-        self.timer.idle_fraction()  # evaluation is not part of a training step's bubble
+        self.timer.take()  # evaluation is not part of a training step's bubble
         return float(loss)
 
     def sample(self) -> str | None:

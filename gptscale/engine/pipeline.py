@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -102,45 +101,54 @@ def load_pipeline_shards(ckpt: Path, cfg: RunConfig, tp: int) -> list[dict[str, 
 class StageTimer:
     """Times the PipelineEngine's instructions on this stage, to measure the pipeline bubble.
 
-    busy = forward + backward passes; pipeline time = every instruction of the schedule
-    except the gradient reduction and optimizer step that follow it. The idle fraction
-    1 - busy / pipeline time is this stage's bubble (plus waiting for slower stages);
-    for equal stages 1F1B's theory is (p - 1) / (m + p - 1).
+    busy = this stage's forward + backward passes; the pipeline's span = from the first
+    instruction of a step to the end of the last backward pass on any stage (stages start a
+    step together: the previous step ended in collectives over all of them). A stage's
+    idle fraction is 1 - busy / span: bubble plus waiting for slower stages. For equal
+    stages 1F1B's theory is (p - 1) / (m + p - 1).
     """
 
     BUSY = ("ForwardPass", "BackwardPass")
-    AFTER_PIPELINE = ("ReduceGrads", "ReduceTiedGrads", "OptimizerStep")
 
     def __init__(self, engine):
-        self.seconds: dict[str, float] = defaultdict(float)
+        self.busy = 0.0
+        self.start: float | None = None  # first instruction of the step
+        self.last_busy_end: float | None = None
         # The engine dispatches through the class attribute _INSTRUCTION_MAP; an instance
         # attribute of wrapped handlers shadows it for this engine only.
-        engine._INSTRUCTION_MAP = {kind: self._timed(kind.__name__, handler)
+        engine._INSTRUCTION_MAP = {kind: self._timed(kind.__name__ in self.BUSY, handler)
                                    for kind, handler in type(engine)._INSTRUCTION_MAP.items()}
 
-    def _timed(self, name: str, handler):
+    def _timed(self, busy: bool, handler):
         def run(engine, **kwargs):
             start = time.perf_counter()
+            if self.start is None:
+                self.start = start
             try:
                 return handler(engine, **kwargs)
             finally:
-                self.seconds[name] += time.perf_counter() - start
+                if busy:
+                    self.last_busy_end = time.perf_counter()
+                    self.busy += self.last_busy_end - start
         return run
 
-    def idle_fraction(self) -> float | None:
-        """This stage's idle fraction since the last call (None before any work)."""
-        busy = sum(self.seconds[k] for k in self.BUSY)
-        pipeline = sum(v for k, v in self.seconds.items() if k not in self.AFTER_PIPELINE)
-        self.seconds.clear()
-        return None if pipeline <= 0 else max(0.0, 1.0 - busy / pipeline)
+    def take(self) -> tuple[float, float]:
+        """(busy seconds, seconds from the step's start to this stage's last busy moment); resets."""
+        busy = self.busy
+        span = (self.last_busy_end - self.start) if self.start is not None and self.last_busy_end else 0.0
+        self.busy, self.start, self.last_busy_end = 0.0, None, None
+        return busy, span
 
 
 def idle_fractions_per_stage(timer: StageTimer, topo: Topology) -> list[float]:
-    """Every stage's idle fraction (in stage order), gathered over this rank's pipe group."""
-    mine = timer.idle_fraction()
-    value = torch.tensor([mine if mine is not None else float("nan")], dtype=torch.float64)
-    gathered = [torch.zeros_like(value) for _ in range(topo.layout.pp)]
-    dist.all_gather(gathered, value, group=topo.get_pipe_parallel_group())
+    """Every stage's idle fraction over the pipeline's span (in stage order), on every rank."""
+    busy, span = timer.take()
+    group = topo.get_pipe_parallel_group()
+    longest = torch.tensor([span], dtype=torch.float64)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
+    mine = torch.tensor([1.0 - busy / longest.item() if longest.item() > 0 else float("nan")], dtype=torch.float64)
+    gathered = [torch.zeros_like(mine) for _ in range(topo.layout.pp)]
+    dist.all_gather(gathered, mine, group=group)
     return [g.item() for g in gathered]
 
 
