@@ -6,6 +6,7 @@ import sys
 
 from gptscale.config import ConfigError
 from gptscale.data.errors import DataError
+from gptscale.engine.launch_env import LaunchError
 
 DESCRIPTION = """\
 gptscale trains GPT models with DeepSpeed: tensor parallel (TP) x pipeline (PP) x
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, LaunchError, FileNotFoundError) as err:
         print(f"gptscale: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,66 +1,202 @@
 """Rank and address discovery from whichever launcher started this process, in one place.
 
-Understands torchrun / the deepspeed launcher (RANK, WORLD_SIZE, LOCAL_RANK), Open MPI
-(OMPI_COMM_WORLD_*), MPICH / Intel MPI (PMI_RANK, PMI_SIZE), SLURM (SLURM_PROCID,
-SLURM_NTASKS) and a plain single process.
+`discover()` reads the environment that torchrun, the deepspeed launcher, accelerate,
+Open MPI, MPICH (Hydra), SLURM's srun or nothing at all leave behind, and says which one it
+found and where rank 0's address comes from; `init_distributed()` then starts
+torch.distributed with it. No launcher-specific flags anywhere else.
+
+Rank 0's address, in order: MASTER_ADDR if set; every rank on one node -> 127.0.0.1;
+under srun, the first host of the step's node list (`scontrol show hostnames`); under
+Open MPI / MPICH, rank 0's address broadcast with mpi4py. Otherwise a clear error.
 """
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
+
+DEFAULT_PORT = 29500
+
+
+class LaunchError(RuntimeError):
+    """The launcher's environment does not say how to reach rank 0; the message says what to set."""
 
 
 @dataclass(frozen=True)
 class LaunchEnv:
-    launcher: str
+    launcher: str  # torchrun, accelerate, deepspeed, openmpi, mpich, slurm, single process
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int
+    master_addr: str | None = None
+    master_port: int | None = None
+    address_from: str = ""  # where master_addr came from, for the start-up line
+
+    @property
+    def one_node(self) -> bool:
+        return self.local_world_size == self.world_size
+
+    def describe(self) -> str:
+        where = f", rank 0 at {self.master_addr}:{self.master_port} ({self.address_from})" if self.master_addr else ""
+        return f"{self.launcher}: rank {self.rank} of {self.world_size}, local rank {self.local_rank}{where}"
 
 
-_SCHEMES = (
-    ("torchrun/deepspeed", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
-    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-    ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
-    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
-)
+def _int(env, *names: str, default: int | None = None) -> int | None:
+    for name in names:
+        if env.get(name, "") != "":
+            return int(env[name])
+    return default
 
 
-def discover(environ: dict[str, str] | None = None) -> LaunchEnv:
+def _ranks(env) -> tuple[str, int, int, int, int] | None:
+    """(launcher, rank, world size, local rank, local world size) from the environment."""
+    if "RANK" in env and "WORLD_SIZE" in env:  # torch.distributed's own variables win
+        if any(k.startswith("ACCELERATE_") for k in env):
+            launcher = "accelerate"
+        elif "TORCHELASTIC_RUN_ID" in env:
+            launcher = "torchrun"
+        elif "CROSS_RANK" in env or "PMI_RANK" in env or "PMIX_RANK" in env:
+            launcher = "deepspeed"
+        else:
+            launcher = "environment (RANK/WORLD_SIZE)"
+        world = int(env["WORLD_SIZE"])
+        return (launcher, int(env["RANK"]), world, _int(env, "LOCAL_RANK", default=0),
+                _int(env, "LOCAL_WORLD_SIZE", "LOCAL_SIZE", default=world))
+    if "OMPI_COMM_WORLD_RANK" in env:
+        world = int(env["OMPI_COMM_WORLD_SIZE"])
+        return ("openmpi", int(env["OMPI_COMM_WORLD_RANK"]), world, _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", default=0),
+                _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", default=world))
+    if "PMI_RANK" in env and "PMI_SIZE" in env:
+        world = int(env["PMI_SIZE"])
+        return ("mpich", int(env["PMI_RANK"]), world, _int(env, "MPI_LOCALRANKID", default=0),
+                _int(env, "MPI_LOCALNRANKS", default=world))
+    # srun sets SLURM_STEP_NUM_TASKS; a batch script's own shell has SLURM_NTASKS but is one process.
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        world = int(env["SLURM_STEP_NUM_TASKS"])
+        nodes = _int(env, "SLURM_STEP_NUM_NODES", "SLURM_NNODES", default=1)
+        return ("slurm", int(env["SLURM_PROCID"]), world, _int(env, "SLURM_LOCALID", default=0),
+                world if nodes == 1 else _tasks_on_this_node(env, world))
+    return None
+
+
+def _tasks_on_this_node(env, world: int) -> int:
+    """SLURM_STEP_TASKS_PER_NODE looks like '2(x3),1'; this node's count is its SLURM_NODEID-th entry."""
+    counts = []
+    for part in env.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+        if not part:
+            continue
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    node = _int(env, "SLURM_NODEID", default=0)
+    return counts[node] if node < len(counts) else world
+
+
+def slurm_first_host(env) -> str | None:
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        return None
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] if out else None
+
+
+def this_host_address() -> str:
+    """An address other nodes can reach this one at: the interface of GLOO_SOCKET_IFNAME if
+    set, else the one the default route leaves by (no packet is sent), else loopback."""
+    ifname = os.environ.get("GLOO_SOCKET_IFNAME")
+    if ifname:
+        import fcntl
+        import struct
+
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", ifname[:15].encode()))  # SIOCGIFADDR
+            return socket.inet_ntoa(packed[20:24])
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def _mpi_broadcast_address() -> tuple[str, int]:
+    """Rank 0's reachable address and a free port on it, sent to every rank with mpi4py."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    here = (this_host_address(), free_port()) if comm.Get_rank() == 0 else None
+    return comm.bcast(here, root=0)
+
+
+def discover(environ=None, mpi_broadcast=_mpi_broadcast_address) -> LaunchEnv:
     env = os.environ if environ is None else environ
-    for launcher, rank, size, local in _SCHEMES:
-        if rank in env and size in env:
-            return LaunchEnv(launcher, int(env[rank]), int(env[size]), int(env.get(local, 0)))
-    return LaunchEnv("single process", 0, 1, 0)
+    found = _ranks(env)
+    if found is None:
+        return LaunchEnv("single process", 0, 1, 0, 1, "127.0.0.1", None, "one process")
+    launcher, rank, world, local_rank, local_world = found
+    port = _int(env, "MASTER_PORT")
+    if env.get("MASTER_ADDR"):
+        addr, source = env["MASTER_ADDR"], "MASTER_ADDR"
+    elif local_world == world:
+        addr, source = "127.0.0.1", "all ranks on this node"
+    elif launcher == "slurm" and (first := slurm_first_host(env)):
+        addr, source = first, "first host of the SLURM node list"
+    elif launcher in ("openmpi", "mpich"):
+        addr, mpi_port = mpi_broadcast()
+        port, source = port or mpi_port, "rank 0's address, broadcast with mpi4py"
+    else:
+        raise LaunchError(f"{launcher} started rank {rank} of {world} across nodes but MASTER_ADDR is not set; "
+                          f"export MASTER_ADDR=<rank 0's host> (and MASTER_PORT) on every node")
+    return LaunchEnv(launcher, rank, world, local_rank, local_world, addr, port or DEFAULT_PORT, source)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
-def init_distributed(timeout_s: float = 1800.0) -> LaunchEnv:
-    """Initialise torch.distributed (gloo on CPU, nccl on GPU) unless it already is."""
+def init_distributed(timeout_s: float = 1800.0, rendezvous_timeout_s: float | None = None) -> LaunchEnv:
+    """Initialise torch.distributed (gloo on CPU, nccl on GPU) unless it already is.
+
+    Ranks that cannot reach rank 0 within `rendezvous_timeout_s` (default 300 s, or
+    GPTSCALE_RENDEZVOUS_TIMEOUT) fail with the address they tried instead of waiting for
+    the 30-minute collective timeout.
+    """
     import torch
     import torch.distributed as dist
 
-    found = discover()
-    # DeepSpeed reads these itself, whatever launcher started us.
-    for key, value in (("RANK", found.rank), ("WORLD_SIZE", found.world_size), ("LOCAL_RANK", found.local_rank)):
-        os.environ.setdefault(key, str(value))
     if dist.is_initialized():
-        return LaunchEnv("pre-initialised", dist.get_rank(), dist.get_world_size(), found.local_rank)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if found.world_size == 1:
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    elif "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = "29500"
+        found = _ranks(os.environ)
+        local = found[3] if found else 0
+        return LaunchEnv("pre-initialised", dist.get_rank(), dist.get_world_size(), local, dist.get_world_size())
+    found = discover()
+    if found.world_size == 1 and found.master_port is None:
+        found = LaunchEnv(found.launcher, 0, 1, 0, 1, "127.0.0.1", free_port(), found.address_from)
+    # DeepSpeed and torch read these themselves, whatever launcher started us.
+    for key, value in (("RANK", found.rank), ("WORLD_SIZE", found.world_size), ("LOCAL_RANK", found.local_rank),
+                       ("LOCAL_WORLD_SIZE", found.local_world_size), ("MASTER_ADDR", found.master_addr),
+                       ("MASTER_PORT", found.master_port)):
+        os.environ[key] = str(value)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(found.local_rank)
-    dist.init_process_group(backend, init_method="env://", rank=found.rank, world_size=found.world_size,
+    rendezvous = rendezvous_timeout_s or float(os.environ.get("GPTSCALE_RENDEZVOUS_TIMEOUT", 300))
+    # torchrun's agent already serves a store at MASTER_ADDR:MASTER_PORT; every rank is its client.
+    is_master = found.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    try:
+        store = dist.TCPStore(found.master_addr, found.master_port, found.world_size, is_master=is_master,
+                              timeout=timedelta(seconds=rendezvous), wait_for_workers=False)
+    except (RuntimeError, OSError) as exc:
+        raise LaunchError(f"rank {found.rank} could not reach rank 0 at {found.master_addr}:{found.master_port} "
+                          f"({found.address_from}) within {rendezvous:.0f} s: {str(exc).splitlines()[0]}; check that "
+                          f"the address is reachable from every node and the port is free") from None
+    dist.init_process_group(backend, store=store, rank=found.rank, world_size=found.world_size,
                             timeout=timedelta(seconds=timeout_s))
     return found

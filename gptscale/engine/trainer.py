@@ -123,7 +123,8 @@ class Trainer:
         self.ds_config = assemble(cfg, self.topo.layout.dp, on_gpu())
         if self.is_writer:
             l = self.topo.layout
-            print(f"gptscale train: {launch.launcher}, {l.world_size} rank(s) = tp {l.tp} x pp {l.pp} x dp {l.dp}, "
+            print(f"gptscale train: {launch.describe()}", flush=True)
+            print(f"gptscale train: {l.world_size} rank(s) = tp {l.tp} x pp {l.pp} x dp {l.dp}, "
                   f"{self.describe_mode()}, {cfg.train.precision}, run dir {self.run_dir}", flush=True)
         self._build_engine()
 
