@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# gptscale under the `deepspeed` launcher with a hostfile ("host slots=N" per line).
+#
+#   HOSTFILE=hosts launch/deepspeed.sh --config my.yaml [--set key=value ...]                 # pdsh over ssh
+#   HOSTFILE=hosts DS_LAUNCHER=openmpi launch/deepspeed.sh --config my.yaml                   # Open MPI's mpirun
+#   HOSTFILE=hosts DS_LAUNCHER=mpich launch/deepspeed.sh --config my.yaml                     # MPICH's Hydra
+#
+# Environment: HOSTFILE (required for several hosts; without it: this node's devices),
+# DS_LAUNCHER pdsh|openmpi|mpich (pdsh), MASTER_ADDR (default: the first host's `hostname -I`),
+# MASTER_PORT (29500), SSH_PORT, LAUNCHER_ARGS (extra arguments for pdsh / mpirun), PYTHON.
+#
+# Remote ranks start with the remote login's environment. This script writes the variables
+# they need into a .deepspeed_env file (DS_ENV_FILE) that the launcher exports on every host:
+# PATH with this Python's bin folder first (so the remote side finds the same python,
+# ninja and MPI), and whichever of EXPORT_VARS are set here.
+set -euo pipefail
+
+PYTHON=${PYTHON:-python3}
+DS_LAUNCHER=${DS_LAUNCHER:-pdsh}
+EXPORT_VARS=${EXPORT_VARS:-"PYTHONPATH DS_ACCELERATOR OMP_NUM_THREADS GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME NCCL_IB_HCA GPTSCALE_RENDEZVOUS_TIMEOUT HF_HOME"}
+
+bin_dir=$(dirname "$("$PYTHON" -c 'import sys; print(sys.executable)')")
+env_file=${DS_ENV_FILE:-$(mktemp "${TMPDIR:-/tmp}/gptscale-deepspeed-env.XXXXXX")}
+{
+    echo "PATH=$bin_dir:$PATH"
+    for name in $EXPORT_VARS; do
+        if [[ -n "${!name:-}" ]]; then echo "$name=${!name}"; fi
+    done
+} > "$env_file"
+export DS_ENV_FILE=$env_file  # an absolute path: the launcher reads it instead of ~/.deepspeed_env
+
+args=(--master_port "${MASTER_PORT:-29500}")
+if [[ -n "${HOSTFILE:-}" ]]; then
+    args+=(--hostfile "$HOSTFILE" --launcher "$DS_LAUNCHER")
+fi
+[[ -n "${MASTER_ADDR:-}" ]] && args+=(--master_addr "$MASTER_ADDR")
+[[ -n "${SSH_PORT:-}" ]] && args+=(--ssh_port "$SSH_PORT")
+[[ -n "${LAUNCHER_ARGS:-}" ]] && args+=(--launcher_args "$LAUNCHER_ARGS")
+exec "$bin_dir/deepspeed" "${args[@]}" --module gptscale.cli train "$@"

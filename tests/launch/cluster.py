@@ -1,0 +1,178 @@
+"""Emulated cluster services for the launch tests, all on this one machine.
+
+Every daemon is started in its own session and stopped by PID (never by name), every
+namespace is removed, also when a test fails: each service is a context manager.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+# CI sets this: a missing tool there is a failure, not a skip.
+REQUIRED = os.environ.get("GPTSCALE_REQUIRE_LAUNCH_TOOLS") == "1"
+
+
+def require(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None and not Path(t).exists()]
+    if missing:
+        message = f"launch test needs {', '.join(missing)} (.ci/run installs them)"
+        if REQUIRED:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not ready within {timeout:.0f} s")
+
+
+class Daemons:
+    """Processes started in their own sessions; `stop()` ends each (and its process group) by PID."""
+
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, args, log: Path, env=None) -> subprocess.Popen:
+        out = open(log, "ab")
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+        out.close()
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, grace: float = 10.0) -> None:
+        for proc in reversed(self.procs):
+            _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+        self.procs.clear()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)  # the daemon's own session: it and whatever it forked, nothing else
+    except ProcessLookupError:
+        pass
+
+
+def run(args, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+# -- SLURM ----------------------------------------------------------------------------------
+
+SLURM_CONF = """\
+ClusterName=gptscale
+SlurmctldHost=localhost
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort={ctld_port}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={root}/munge/munge.socket
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool/%n
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd-%n.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SwitchType=switch/none
+MpiDefault=none
+MailProg=/bin/true
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+InactiveLimit=0
+KillWait=30
+NodeName=n1 NodeHostname=localhost NodeAddr=127.0.0.1 Port={port1} CPUs=1 RealMemory=1000 State=UNKNOWN
+NodeName=n2 NodeHostname=localhost NodeAddr=127.0.0.1 Port={port2} CPUs=1 RealMemory=1000 State=UNKNOWN
+PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+class SlurmCluster:
+    """munged, slurmctld and two slurmd (nodes n1, n2 on this host, their own ports)."""
+
+    def __init__(self, root: Path, base_port: int = 16817):
+        self.root = root
+        self.conf = root / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self.daemons = Daemons()
+        self.ports = (base_port, base_port + 1, base_port + 2)
+
+    def __enter__(self) -> "SlurmCluster":
+        require("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd", "sbatch")
+        for sub in ("state", "log", "spool/n1", "spool/n2"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        ctld, p1, p2 = self.ports
+        self.conf.write_text(SLURM_CONF.format(root=self.root, ctld_port=ctld, port1=p1, port2=p2))
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start(self) -> None:
+        socket_dir = self.root / "munge"
+        socket_dir.mkdir(exist_ok=True)
+        key = Path("/etc/munge/munge.key")
+        if not key.is_file():
+            raise RuntimeError("munge key /etc/munge/munge.key is missing (installing the munge package creates it)")
+        self.munge_socket = socket_dir / "munge.socket"
+        # munged refuses a key or folders it does not own; run it as root with --force on our own socket.
+        self.daemons.start(["/usr/sbin/munged", "--foreground", "--force", f"--socket={self.munge_socket}",
+                            f"--pid-file={socket_dir / 'munged.pid'}", f"--seed-file={socket_dir / 'seed'}",
+                            f"--log-file={self.root / 'log' / 'munged.log'}"], self.root / "log" / "munged.out")
+        wait_until(self.munge_socket.exists, 20, "munged")
+        self.daemons.start(["/usr/sbin/slurmctld", "-D", "-f", str(self.conf)], self.root / "log" / "ctld.out",
+                           env=self.env)
+        for node in ("n1", "n2"):
+            self.daemons.start(["/usr/sbin/slurmd", "-D", "-f", str(self.conf), "-N", node],
+                               self.root / "log" / f"{node}.out", env=self.env)
+        wait_until(lambda: self.sinfo() == "n1 idle n2 idle", 60, "slurm nodes n1 and n2")
+
+    def sinfo(self) -> str:
+        done = run(["sinfo", "-h", "-N", "-o", "%N %T"], env=self.env, timeout=20)
+        return " ".join(done.stdout.split())
+
+    def slurm(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return run(list(args), env=self.env, timeout=timeout)
+
+    def job_state(self, job: str) -> str:
+        out = self.slurm("scontrol", "show", "job", "-o", job).stdout
+        for field in out.split():
+            if field.startswith("JobState="):
+                return field.split("=", 1)[1]
+        return "UNKNOWN"
+
+    def __exit__(self, *exc) -> None:
+        # Jobs first, while slurmd can still end their steps; then the daemons.
+        try:
+            self.slurm("scancel", "--user", os.environ.get("USER", "root"), timeout=20)
+            wait_until(lambda: not self.slurm("squeue", "-h", timeout=20).stdout.strip(), 40, "jobs cancelled")
+        except Exception:
+            pass
+        self.daemons.stop()
