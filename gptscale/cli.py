@@ -198,6 +198,9 @@ def _add_data_commands(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptscale", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The deepspeed launcher passes --local_rank=N before the command; LOCAL_RANK in the
+    # environment says the same, and that is what gptscale reads.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
 
     p = sub.add_parser("presets", help="list the built-in model shapes")

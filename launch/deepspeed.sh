@@ -36,4 +36,11 @@ fi
 [[ -n "${MASTER_ADDR:-}" ]] && args+=(--master_addr "$MASTER_ADDR")
 [[ -n "${SSH_PORT:-}" ]] && args+=(--ssh_port "$SSH_PORT")
 [[ -n "${LAUNCHER_ARGS:-}" ]] && args+=(--launcher_args "$LAUNCHER_ARGS")
-exec "$bin_dir/deepspeed" "${args[@]}" --module gptscale.cli train "$@"
+if [[ "$DS_LAUNCHER" == mpich ]]; then
+    # DeepSpeed 0.19's MPICH runner puts `-m` in front of its own helper script, so
+    # --module breaks it: hand it gptscale's CLI as a script file instead.
+    entry=("$("$PYTHON" -c 'import gptscale.cli; print(gptscale.cli.__file__)')")
+else
+    entry=(--module gptscale.cli)
+fi
+exec "$bin_dir/deepspeed" "${args[@]}" "${entry[@]}" train "$@"

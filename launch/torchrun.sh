@@ -26,10 +26,10 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
     NPROC_PER_NODE=$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')
 fi
 
-args=(--nproc-per-node "$NPROC_PER_NODE"
-      # Forward SLURM's preemption warning (SIGUSR1) to the ranks, which save and exit 0,
-      # and give them time to do so before they are killed.
-      --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+# Forward SLURM's preemption warning (SIGUSR1) to the ranks, which save and exit 0, and
+# give them time to do so before they are killed.
+forwarded_signals=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+args=(--nproc-per-node "$NPROC_PER_NODE" --signals-to-handle "$forwarded_signals"
       --shutdown-timeout "${SHUTDOWN_TIMEOUT:-300}")
 if [[ "$NNODES" == 1 && -z "${MASTER_ADDR:-}" ]]; then
     args+=(--standalone)

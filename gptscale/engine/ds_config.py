@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 from gptscale.config import ConfigError, RunConfig
@@ -52,6 +53,11 @@ def template_name(cfg: RunConfig) -> str:
 def _check_zero_stage(template: dict, name: str, cfg: RunConfig) -> None:
     mode = cfg.parallel.resolved_mode
     stage = template.get("zero_optimization", {}).get("stage", 0)
+    launcher_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")  # set by `accelerate launch`
+    if launcher_stage not in (None, "", str(stage)):
+        raise ConfigError(f"the accelerate config asks for ZeRO stage {launcher_stage} but train.ds_config {name!r} "
+                          f"uses stage {stage}; gptscale takes DeepSpeed settings from the run config only, so make "
+                          f"the accelerate config's zero_stage {stage} (or choose another train.ds_config)")
     if stage > MAX_ZERO_STAGE.get(mode, 3):
         raise ConfigError(
             f"train.ds_config {name!r} uses ZeRO stage {stage}, but parallel.mode={mode} (parallel.pp="

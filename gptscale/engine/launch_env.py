@@ -12,6 +12,7 @@ Open MPI / MPICH, rank 0's address broadcast with mpi4py. Otherwise a clear erro
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -95,15 +96,23 @@ def _tasks_on_this_node(env, world: int) -> int:
 
 
 def slurm_first_host(env) -> str | None:
+    """The address of the step's first node: its NodeAddr (what slurmd is reached at; node
+    names need not resolve), from `scontrol`."""
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
     if not nodelist:
         return None
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.split()
+        names = _scontrol("show", "hostnames", nodelist).split()
+        if not names:
+            return None
+        match = re.search(r"\bNodeAddr=(\S+)", _scontrol("show", "node", "-o", names[0]))
     except (OSError, subprocess.SubprocessError):
         return None
-    return out[0] if out else None
+    return match.group(1) if match else names[0]
+
+
+def _scontrol(*args: str) -> str:
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30, check=True).stdout
 
 
 def this_host_address() -> str:

@@ -176,3 +176,93 @@ class SlurmCluster:
         except Exception:
             pass
         self.daemons.stop()
+
+
+# -- two ssh "hosts" -------------------------------------------------------------------------
+
+SSHD_CONFIG = """\
+Port {port}
+HostKey {root}/hostkey
+AuthorizedKeysFile {root}/authorized_keys
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PrintMotd no
+MaxStartups 100:30:200
+MaxSessions 100
+LogLevel INFO
+"""
+
+SSH_CONFIG = """\
+Host node1
+    HostName 127.0.0.2
+Host node2
+    HostName 127.0.0.3
+Host node1 node2 127.0.0.2 127.0.0.3
+    Port {port}
+    User root
+    IdentityFile {root}/id_ed25519
+    IdentitiesOnly yes
+    StrictHostKeyChecking no
+    UserKnownHostsFile /dev/null
+    LogLevel ERROR
+    BatchMode yes
+    ConnectTimeout 10
+"""
+
+
+class SshHosts:
+    """Hosts node1 (127.0.0.2) and node2 (127.0.0.3): an sshd each on port 2222 with key-only
+    root login, each in its own UTS namespace so each has its own host name (Open MPI hangs
+    when two hosts report one name). `bin/ssh` wraps ssh with this config; put `bin` first on
+    PATH and every launcher's ssh (DeepSpeed's check, pdsh, Open MPI, Hydra) reaches them."""
+
+    HOSTS = {"node1": "127.0.0.2", "node2": "127.0.0.3"}
+
+    def __init__(self, root: Path, port: int = 2222):
+        self.root, self.port = root, port
+        self.bin = root / "bin"
+        self.daemons = Daemons()
+
+    def __enter__(self) -> "SshHosts":
+        require("/usr/sbin/sshd", "ssh", "ssh-keygen", "unshare", "pdsh")
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _start(self) -> None:
+        for key in ("hostkey", "id_ed25519"):
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.root / key)], timeout=30, check=True)
+        (self.root / "authorized_keys").write_text((self.root / "id_ed25519.pub").read_text())
+        (self.root / "authorized_keys").chmod(0o600)
+        (self.root / "sshd_config").write_text(SSHD_CONFIG.format(root=self.root, port=self.port))
+        self.ssh_config = self.root / "ssh_config"
+        self.ssh_config.write_text(SSH_CONFIG.format(root=self.root, port=self.port))
+        self.bin.mkdir()
+        wrapper = self.bin / "ssh"
+        wrapper.write_text(f'#!/bin/sh\nexec /usr/bin/ssh -F {self.ssh_config} "$@"\n')
+        wrapper.chmod(0o755)
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation folder
+        for name, addr in self.HOSTS.items():
+            sshd = (f"hostname {name}; exec /usr/sbin/sshd -D -f {self.root}/sshd_config -o ListenAddress={addr} "
+                    f"-o PidFile={self.root}/sshd-{name}.pid -E {self.root}/sshd-{name}.log")
+            self.daemons.start(["unshare", "--uts", "sh", "-c", sshd], self.root / f"sshd-{name}.out")
+        for name in self.HOSTS:
+            wait_until(lambda: self.ssh(name, "hostname").stdout.strip() == name, 30, f"sshd on {name}")
+
+    def ssh(self, host: str, command: str) -> subprocess.CompletedProcess:
+        return run([str(self.bin / "ssh"), host, command], timeout=20)
+
+    def hostfile(self, *hosts: str, slots: int = 1) -> Path:
+        path = self.root / ("hostfile-" + "-".join(hosts))
+        path.write_text("".join(f"{h} slots={slots}\n" for h in hosts))
+        return path
+
+    def __exit__(self, *exc) -> None:
+        self.daemons.stop()

