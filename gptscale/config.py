@@ -27,7 +27,8 @@ class ConfigError(ValueError):
 
 
 FAMILIES = ("gpt2", "llama")
-MODES = ("auto", "zero3", "pipe")
+MODES = ("auto", "zero3", "pipe", "pipe_zero3")
+PIPE_ZERO3_GATHER = ("micro_batch", "step")
 PIPE_PARTITIONS = ("parameters", "blocks")
 
 
@@ -139,9 +140,12 @@ class ParallelConfig:
     mode: how the model is split (see README, "Parallelism"):
       zero3  TP x DP, ZeRO-3 over DP (pp must be 1)
       pipe   TP x PP x DP with DeepSpeed's PipelineEngine (1F1B), ZeRO stage 0/1 over DP
+      pipe_zero3  TP x PP x DP, each stage ZeRO-3 over its DP group (gptscale's own 1F1B)
       auto   zero3 when pp == 1, else pipe
     pipe_partition: how blocks are spread over stages: `parameters` (balance parameter
       counts; embedding and head weigh in) or `blocks` (equal numbers of blocks).
+    pipe_zero3_gather: pipe_zero3 gathers a stage's parameters per `micro_batch` (least
+      memory) or once per `step` for all its micro-batches (less communication).
     """
 
     tp: int = 1
@@ -149,6 +153,7 @@ class ParallelConfig:
     dp: int | None = None
     mode: str = "auto"
     pipe_partition: str = "parameters"
+    pipe_zero3_gather: str = "micro_batch"
 
     def __post_init__(self) -> None:
         _require_positive(self, "parallel", ("tp", "pp", "dp"))
@@ -157,6 +162,9 @@ class ParallelConfig:
         if self.pipe_partition not in PIPE_PARTITIONS:
             raise ConfigError(f"parallel.pipe_partition={self.pipe_partition!r} is unknown; choose one of "
                               f"{', '.join(PIPE_PARTITIONS)}")
+        if self.pipe_zero3_gather not in PIPE_ZERO3_GATHER:
+            raise ConfigError(f"parallel.pipe_zero3_gather={self.pipe_zero3_gather!r} is unknown; choose one of "
+                              f"{', '.join(PIPE_ZERO3_GATHER)}")
         if self.mode == "zero3" and self.pp > 1:
             raise ConfigError(f"parallel.mode=zero3 cannot use parallel.pp={self.pp}; set parallel.mode=pipe "
                               f"(or auto) for pipeline stages, or parallel.pp=1")

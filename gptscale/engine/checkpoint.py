@@ -53,11 +53,17 @@ def _rank_file(path: Path, rank: int) -> Path:
     return path / f"gptscale_rank{rank:05d}.pt"
 
 
-def save(engine, run_dir: Path, step: int, cfg: RunConfig, layout: dict, rank_state: dict, keep: int) -> Path:
+def save(engine, run_dir: Path, step: int, cfg: RunConfig, layout: dict, rank_state: dict, keep: int,
+         subdir: str | None = None) -> Path:
+    """Save; `subdir` puts this rank's DeepSpeed files in path/subdir (one per pipe_zero3 stage,
+    whose engines would otherwise write the same file names)."""
     ckpt_dir = run_dir / "checkpoints"
     tag = tag_for(step)
     path = ckpt_dir / tag
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    if subdir is None:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    else:
+        engine.save_checkpoint(str(path), tag=subdir, client_state={"step": step}, save_latest=False)
     with atomic_write(_rank_file(path, dist.get_rank())) as f:
         torch.save(rank_state, f)
     _fault_injection(step)
@@ -85,7 +91,7 @@ def _fault_injection(step: int) -> None:
             os._exit(9)
 
 
-def load(engine, path: Path, cfg: RunConfig, layout: dict) -> dict | None:
+def load(engine, path: Path, cfg: RunConfig, layout: dict, subdir: str | None = None) -> dict | None:
     """Restore engine state from `path`; returns this rank's saved state (RNG, loader) or None."""
     meta = json.loads((path / COMPLETE).read_text())
     current = dataclasses.asdict(cfg.model)
@@ -97,6 +103,7 @@ def load(engine, path: Path, cfg: RunConfig, layout: dict) -> dict | None:
     if meta["layout"] != layout:
         raise ConfigError(f"checkpoint {path} was written with layout {meta['layout']} but this run has {layout}; "
                           f"DeepSpeed ZeRO-3 checkpoints resume on the same tp/pp/dp layout")
-    engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True)
+    where, tag = (path.parent, path.name) if subdir is None else (path, subdir)
+    engine.load_checkpoint(str(where), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     rank_file = _rank_file(path, dist.get_rank())
     return torch.load(rank_file, weights_only=False) if rank_file.is_file() else None

@@ -32,8 +32,6 @@ def checkpoint_config(path: Path) -> RunConfig:
 def consolidate(path: str | Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:
     """(the run config, canonical fp32 weights) of the checkpoint folder `path`."""
     import_deepspeed()
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     from gptscale.model.gpt import GPT
 
     path = Path(path)
@@ -42,16 +40,43 @@ def consolidate(path: str | Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:
     tp = layout["tp"]
     with torch.device("meta"):
         table = split_table(GPT(cfg.model, TPGroup(group=None, rank=0, size=tp)))
-    if layout.get("mode", "zero3") == "pipe":
+    mode = layout.get("mode", "zero3")
+    if mode == "pipe":
         # ZeRO stage <= 1 keeps whole fp32 weights in DeepSpeed's per-layer files.
         return cfg, merge_tp(load_pipeline_shards(path, cfg, tp), table, cfg.model.vocab_size)
-    shards = []
-    for rank in range(tp):
-        with tempfile.TemporaryDirectory() as tmp:
-            view = Path(tmp) / path.name
-            view.mkdir()
-            for file in path.glob(f"*mp_rank_{rank:02d}_*"):
-                (view / file.name).symlink_to(file.resolve())
-            state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=path.name)
-        shards.append({k.removeprefix("module."): v for k, v in state.items()})
+    if mode == "pipe_zero3":
+        return cfg, merge_tp(_pipe_zero3_shards(path, cfg, layout), table, cfg.model.vocab_size)
+    shards = [{k.removeprefix("module."): v for k, v in _zero3_fp32(path, path.name, rank).items()}
+              for rank in range(tp)]
     return cfg, merge_tp(shards, table, cfg.model.vocab_size)
+
+
+def _zero3_fp32(folder: Path, tag: str, tp_rank: int) -> dict[str, torch.Tensor]:
+    """DeepSpeed's zero_to_fp32 over the files of one TP rank in `folder` (which it knows as `tag`)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        view = Path(tmp) / tag
+        view.mkdir()
+        for file in folder.glob(f"*mp_rank_{tp_rank:02d}_*"):
+            (view / file.name).symlink_to(file.resolve())
+        return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag)
+
+
+def _pipe_zero3_shards(path: Path, cfg: RunConfig, layout: dict) -> list[dict[str, torch.Tensor]]:
+    """Per TP rank, every stage's ZeRO-3 partitions merged and renamed to canonical names."""
+    from gptscale.engine.pipe_zero3 import StageModule, stage_bounds
+    from gptscale.model.pipe import stage_layers
+
+    bounds = stage_bounds(cfg, layout["pp"])
+    with torch.device("meta"):
+        layers = stage_layers(cfg.model, TPGroup(group=None, rank=0, size=layout["tp"]))
+    shards = []
+    for tp_rank in range(layout["tp"]):
+        shard = {}
+        for stage in range(layout["pp"]):
+            specs = layers[bounds[stage]:bounds[stage + 1]]
+            state = _zero3_fp32(path / f"stage{stage:02d}", f"stage{stage:02d}", tp_rank)
+            shard.update({StageModule.canonical_name(specs, k.removeprefix("module.")): v for k, v in state.items()})
+        shards.append(shard)
+    return shards

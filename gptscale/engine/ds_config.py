@@ -42,8 +42,9 @@ def _substitute(node, values: dict[str, str]):
     return node
 
 
-DEFAULT_TEMPLATE = {"zero3": "zero3", "pipe": "pipe_zero1"}
+DEFAULT_TEMPLATE = {"zero3": "zero3", "pipe": "pipe_zero1", "pipe_zero3": "zero3"}
 MAX_ZERO_STAGE = {"pipe": 1}  # DeepSpeed's PipelineEngine asserts ZeRO stage < 2
+MIN_ZERO_STAGE = {"zero3": 3, "pipe_zero3": 3}
 
 
 def template_name(cfg: RunConfig) -> str:
@@ -58,6 +59,9 @@ def _check_zero_stage(template: dict, name: str, cfg: RunConfig) -> None:
         raise ConfigError(f"the accelerate config asks for ZeRO stage {launcher_stage} but train.ds_config {name!r} "
                           f"uses stage {stage}; gptscale takes DeepSpeed settings from the run config only, so make "
                           f"the accelerate config's zero_stage {stage} (or choose another train.ds_config)")
+    if stage < MIN_ZERO_STAGE.get(mode, 0):
+        raise ConfigError(f"train.ds_config {name!r} uses ZeRO stage {stage}, but parallel.mode={mode} partitions "
+                          f"parameters with ZeRO stage 3; use a stage 3 template (train.ds_config=zero3)")
     if stage > MAX_ZERO_STAGE.get(mode, 3):
         raise ConfigError(
             f"train.ds_config {name!r} uses ZeRO stage {stage}, but parallel.mode={mode} (parallel.pp="

@@ -10,11 +10,11 @@ import sys
 
 import torch
 
-from gptscale.config import ConfigError
 from gptscale.engine.pipeline import (StageTimer, bubble_warning, build_pipeline_module, canonical_parameters, idle_fractions_per_stage,
                                       theoretical_idle_fraction)
 from gptscale.engine.schedule import lr_factor
 from gptscale.engine.trainer import Trainer, _param_groups, _seed_all
+from gptscale.engine.weights import load_canonical_params
 from gptscale.model.pipe import stage_layers
 
 LARGEST_SAMPLED_MODEL = 2_000_000_000  # parameters; bigger ones are not consolidated onto one rank for a sample
@@ -36,38 +36,13 @@ class PipelineTrainer(Trainer):
         model = build_pipeline_module(cfg, self.topo, ds)
         self.layers = stage_layers(cfg.model, self.topo.tp_group)
         if cfg.train.init_from:
-            self._load_canonical(model, cfg.train.init_from)
+            load_canonical_params(canonical_parameters(model, self.layers), cfg.model, self.topo.tp_group,
+                                  cfg.train.init_from, ds)
         self.engine, _, _, _ = ds.initialize(
             model=model, model_parameters=_param_groups(model, cfg.train.weight_decay), config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.train)))
         self.timer = StageTimer(self.engine)
         _seed_all(cfg.train.seed + 1000 * self.topo.coords.dp + 1)
-
-    def _load_canonical(self, model, path: str) -> None:
-        from safetensors.torch import load_file
-
-        from gptscale.convert.tp import split_tp
-        from gptscale.model.gpt import GPT
-        from gptscale.parallel.layers import split_table
-        from gptscale.parallel.topology import TPGroup
-
-        canonical = load_file(path)
-        with torch.device("meta"):
-            dense = GPT(self.cfg.model, TPGroup(group=None, rank=0, size=self.topo.layout.tp))
-        mine = canonical_parameters(model, self.layers)
-        needed = {name: canonical[name] for name in mine if name in canonical}
-        missing = sorted(set(mine) - set(canonical))
-        if missing:
-            raise ConfigError(f"train.init_from={path}: weights do not fit model ({len(missing)} missing, "
-                              f"e.g. {missing[:3]})")
-        table = {name: split for name, split in split_table(dense).items() if name in needed}
-        shard = split_tp(needed, table, self.topo.layout.tp, dense.padded_vocab)[self.topo.coords.tp]
-        with torch.no_grad():
-            for name, param in mine.items():
-                if tuple(param.shape) != tuple(shard[name].shape):
-                    raise ConfigError(f"train.init_from={path}: {name} has shape {tuple(shard[name].shape)} for "
-                                      f"this rank, the model expects {tuple(param.shape)}")
-                param.copy_(shard[name])
 
     def train_step(self, iterator, step: int) -> float:
         loss = self.engine.train_batch(iterator).item()  # already the mean over micro-batches and DP
@@ -92,16 +67,20 @@ class PipelineTrainer(Trainer):
         return float(loss)
 
     def sample(self) -> str | None:
-        """Generated on rank 0 from the final checkpoint, consolidated into one dense model."""
-        from gptscale.engine.checkpoint import complete_checkpoints
-        from gptscale.engine.sampling import generate_from_checkpoint
-        from gptscale.model.counting import count_parameters
+        return sample_from_final_checkpoint(self)
 
-        final = complete_checkpoints(self.run_dir / "checkpoints")[-1]
-        if not self.is_writer:
-            return None
-        if count_parameters(self.cfg.model).total > LARGEST_SAMPLED_MODEL:
-            return f"(model too large to sample on one rank; run: gptscale generate {final})"
-        t = self.cfg.train
-        return generate_from_checkpoint(str(final), t.sample_prompt, max_new_tokens=t.sample_tokens,
-                                        temperature=0.8, top_k=50, seed=t.seed)
+
+def sample_from_final_checkpoint(trainer: Trainer) -> str | None:
+    """Generated on rank 0 from the final checkpoint, consolidated into one dense model."""
+    from gptscale.engine.checkpoint import complete_checkpoints
+    from gptscale.engine.sampling import generate_from_checkpoint
+    from gptscale.model.counting import count_parameters
+
+    final = complete_checkpoints(trainer.run_dir / "checkpoints")[-1]
+    if not trainer.is_writer:
+        return None
+    if count_parameters(trainer.cfg.model).total > LARGEST_SAMPLED_MODEL:
+        return f"(model too large to sample on one rank; run: gptscale generate {final})"
+    t = trainer.cfg.train
+    return generate_from_checkpoint(str(final), t.sample_prompt, max_new_tokens=t.sample_tokens,
+                                    temperature=0.8, top_k=50, seed=t.seed)

@@ -129,6 +129,7 @@ class Trainer:
         self._build_engine()
 
     mode = "zero3"
+    checkpoint_subdir: str | None = None  # where this rank's DeepSpeed files go inside a checkpoint
 
     def describe_mode(self) -> str:
         return "ZeRO stage 3"
@@ -158,7 +159,7 @@ class Trainer:
         held_out = validation_batches(cfg, self.topo.coords.dp, self.topo.layout.dp)
         step = 0
         if self.resume_from is not None:
-            rank_state = checkpoint.load(self.engine, self.resume_from, cfg, self.layout)
+            rank_state = checkpoint.load(self.engine, self.resume_from, cfg, self.layout, self.checkpoint_subdir)
             step = int(self.resume_from.name.removeprefix("step"))
             if rank_state is not None:
                 batches.load_state_dict(rank_state["data"])
@@ -273,7 +274,7 @@ class Trainer:
     def save(self, step: int, batches) -> Path:
         state = {"data": batches.state_dict(), "rng": _rng_state()}
         path = checkpoint.save(self.engine, self.run_dir, step, self.cfg, self.layout, state,
-                               self.cfg.train.keep_checkpoints)
+                               self.cfg.train.keep_checkpoints, self.checkpoint_subdir)
         if self.is_writer and os.environ.get("GPTSCALE_QUIET_SAVE") is None:
             tqdm.write(f"checkpoint: {path}", file=sys.stderr)
         return path
@@ -288,8 +289,11 @@ class Trainer:
 
 
 def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
-    if cfg.parallel.resolved_mode == "pipe":
-        from gptscale.engine.pipe_trainer import PipelineTrainer
-
-        return PipelineTrainer(cfg, resume).run()
-    return Trainer(cfg, resume).run()
+    mode = cfg.parallel.resolved_mode
+    if mode == "pipe":
+        from gptscale.engine.pipe_trainer import PipelineTrainer as trainer_class
+    elif mode == "pipe_zero3":
+        from gptscale.engine.pipe_zero3 import PipeZero3Trainer as trainer_class
+    else:
+        trainer_class = Trainer
+    return trainer_class(cfg, resume).run()

@@ -3,11 +3,10 @@ equal the single-process model's, the checkpoint consolidates and resumes exactl
 import json
 
 import pytest
-import torch
 
 from gptscale.testing.distributed import run_ranks
 from tests.parallel.training import (ENV, SMALL_GPT2_4_BLOCKS, SMALL_LLAMA, check_exact_resume, dense_reference,
-                                     plain_adamw_losses, synthetic, train_ranks)
+                                     loss_with_weights, plain_adamw_losses, synthetic, train_ranks)
 
 pytestmark = pytest.mark.dist
 
@@ -60,23 +59,7 @@ def test_llama_pipeline_equals_dense_and_consolidates(tmp_path, init_weights_lla
     # misplaced tensor (wrong stage file, TP merge or name) is off by the init scale, 2e-2.
     assert max((weights[k] - dense_final[k]).abs().max().item() for k in weights) < 5e-4
     # What the weights compute agrees tightly: the dense model with either set scores one batch alike.
-    assert abs(_loss_with(overrides, weights) - _loss_with(overrides, dense_final)) < 1e-5
-
-
-def _loss_with(overrides, canonical):
-    from gptscale import config
-    from gptscale.convert.tp import split_tp
-    from gptscale.engine.data import SyntheticBatches
-    from gptscale.model.gpt import GPT
-    from gptscale.parallel.layers import split_table
-
-    cfg = config.load(None, overrides)
-    model = GPT(cfg.model)
-    model.load_state_dict(split_tp(canonical, split_table(model), 1, model.padded_vocab)[0])
-    rows = SyntheticBatches(cfg.model.vocab_size, cfg.data.seq_len, 8, 1, 0, 1, seed=99).global_batch(0)
-    with torch.no_grad():
-        return model(rows[:, :-1], labels=rows[:, 1:]).item()
-
+    assert abs(loss_with_weights(overrides, weights) - loss_with_weights(overrides, dense_final)) < 1e-5
 
 
 def test_pipeline_resumes_exactly_evaluates_and_samples(tmp_path, shards):

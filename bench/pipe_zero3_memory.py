@@ -1,0 +1,187 @@
+"""pipe_zero3 vs the PipelineEngine + ZeRO-1 on the same layout: per-rank memory and the
+communication volume of one training step, measured and against theory.
+
+PP=2 x DP=2 on 4 CPU ranks, fp32, an untied Llama-style model, every parameter partitioned
+(`stage3_param_persistence_threshold: 0`, so the theory needs no list of small exceptions).
+Memory: the bytes of the tensors each rank keeps between steps for parameters, fp32 master
+weights, gradient partitions and Adam states (each storage counted once). Communication:
+every torch.distributed call during step 3 is counted on every rank, converted to the bytes
+a rank sends in a ring implementation (all-gather / reduce-scatter of S bytes over n ranks:
+S (n-1)/n; all-reduce: 2 S (n-1)/n; send: its size).
+
+    .venv/bin/python bench/pipe_zero3_memory.py [--layers 4 --embd 256]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from gptscale import config
+from gptscale.testing.distributed import run_ranks
+
+GROUP_COLLECTIVES = ("all_gather_into_tensor", "_all_gather_base", "all_gather", "reduce_scatter_tensor",
+                     "_reduce_scatter_base", "all_reduce", "broadcast")
+
+
+class CommCounter:
+    """Counts bytes per kind of torch.distributed call while `counting` is True."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist, self.counting = dist, False
+        self.bytes: dict[str, float] = defaultdict(float)
+        for name in (*GROUP_COLLECTIVES, "send", "isend"):
+            if hasattr(dist, name):
+                setattr(dist, name, self._wrap(name, getattr(dist, name)))
+
+    def _wrap(self, name, fn):
+        def counted(*args, **kwargs):
+            if self.counting:
+                self.bytes[name] += self._sent(name, args, kwargs)
+            return fn(*args, **kwargs)
+        return counted
+
+    def _sent(self, name, args, kwargs) -> float:
+        group = kwargs.get("group")
+        n = self.dist.get_world_size(group) if group is not None else self.dist.get_world_size()
+        tensor = args[0] if args else kwargs.get("tensor", kwargs.get("output_tensor", kwargs.get("output")))
+        if isinstance(tensor, list):
+            size = sum(t.numel() * t.element_size() for t in tensor)
+        else:
+            size = tensor.numel() * tensor.element_size()
+        if name in ("send", "isend"):
+            return size
+        if name == "broadcast":
+            return size / n  # a tree moves each byte once per rank
+        if name.startswith("reduce_scatter") or name == "_reduce_scatter_base":
+            size = kwargs.get("input", args[1] if len(args) > 1 else tensor).numel() * tensor.element_size()
+        factor = 2 if name == "all_reduce" else 1
+        return factor * size * (n - 1) / n if n > 1 else 0.0
+
+
+def _measure(overrides: list[str]) -> dict:
+    import torch
+
+    counter = CommCounter()
+    cfg = config.load(None, overrides)
+    from gptscale.engine.pipe_trainer import PipelineTrainer
+    from gptscale.engine.pipe_zero3 import PipeZero3Trainer
+
+    trainer = (PipeZero3Trainer if cfg.parallel.resolved_mode == "pipe_zero3" else PipelineTrainer)(cfg, "none")
+    original_step = trainer.train_step
+
+    def counted_step(iterator, step):
+        counter.counting = step == 2  # the third step: warm, and no first-step set-up traffic
+        try:
+            return original_step(iterator, step)
+        finally:
+            counter.counting = False
+
+    trainer.train_step = counted_step
+    trainer.run()
+    memory = resident_bytes(trainer.engine)
+    stage_params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.engine.module.parameters())
+    return {"memory": memory, "comm": dict(counter.bytes), "stage_params": stage_params,
+            "stage": trainer.topo.coords.pp, "torch": torch.__version__}
+
+
+def resident_bytes(engine) -> dict[str, int]:
+    """Parameters, master weights, gradient partitions and optimizer states this rank keeps."""
+    import torch
+
+    opt, seen = engine.optimizer, set()
+
+    def size(tensors) -> int:
+        total = 0
+        for t in tensors:
+            if t is None or not torch.is_tensor(t) or t.numel() == 0:
+                continue
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total
+
+    params = list(engine.module.parameters())
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        parts = {"parameters": size(p.ds_tensor for p in params),
+                 "master_weights": size(opt.fp32_partitioned_groups_flat),
+                 "gradients": size([getattr(opt, "grad_partitions_flat_buffer", None)])}
+    else:  # ZeRO-1: whole parameters, partitioned master weights; gradients are transient
+        parts = {"parameters": size(p.data for p in params),
+                 "master_weights": size(opt.single_partition_of_fp32_groups),
+                 "gradients": 0}  # whole-size param.grad during backward, freed after the step
+    parts["optimizer_states"] = size(v for state in opt.optimizer.state.values() for v in state.values())
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--embd", type=int, default=256)
+    parser.add_argument("--micro-batches", type=int, default=4)
+    args = parser.parse_args()
+    m, dp = args.micro_batches, 2
+    with tempfile.TemporaryDirectory() as tmp:
+        template = Path(tmp) / "zero3_all_partitioned.json"
+        template.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                                              "reduce_bucket_size": 50_000_000,
+                                                              "stage3_prefetch_bucket_size": 50_000_000},
+                                        "steps_per_print": 10 ** 9}))
+        model = ["model.preset=tiny-llama", "model.vocab_size=4096", f"model.n_layer={args.layers}",
+                 f"model.n_embd={args.embd}", "model.n_head=4", "model.n_kv_head=4", "model.block_size=64",
+                 "data.synthetic=true", "data.seq_len=64", "train.micro_batch=2", f"train.grad_accum={m}",
+                 "train.steps=3", "train.eval_every=0", "train.eval_batches=1", "train.sample_tokens=0",
+                 "train.progress=false", "train.tensorboard=false", "parallel.pp=2",
+                 "parallel.pipe_partition=blocks"]
+        runs = {
+            "pipe + ZeRO-1": [*model, "parallel.mode=pipe"],
+            "pipe_zero3, gather per micro-batch": [*model, "parallel.mode=pipe_zero3", f"train.ds_config={template}"],
+            "pipe_zero3, gather per step": [*model, "parallel.mode=pipe_zero3", f"train.ds_config={template}",
+                                            "parallel.pipe_zero3_gather=step"],
+        }
+        results = {}
+        for name, overrides in runs.items():
+            results[name] = run_ranks(_measure, 4, [*overrides, f"train.out_dir={tmp}/{len(results)}"], timeout=900,
+                                      env={"DS_ACCELERATOR": "cpu", "GPTSCALE_QUIET_SAVE": "1", "OMP_NUM_THREADS": "1"})
+    report(results, m, dp, args)
+
+
+def report(results: dict, m: int, dp: int, args) -> None:
+    act = 2 * 64 * args.embd * 4  # micro_batch x seq x d x fp32
+    print(f"PP=2 x DP=2, {args.layers} blocks d={args.embd} vocab 4096 (untied), fp32, {m} micro-batches; "
+          f"rank 0 (stage 0) and rank 2 (stage 1)")
+    base = {}
+    for name, ranks in results.items():
+        for rank in (0, 2):
+            r = ranks[rank]
+            psi = r["stage_params"]
+            mem = r["memory"]
+            if name.startswith("pipe +"):
+                base[rank] = mem["total"]
+            gathers = sum(v for k, v in r["comm"].items() if "all_gather" in k)
+            scatters = sum(v for k, v in r["comm"].items() if "reduce_scatter" in k)
+            sent = r["comm"].get("isend", 0) + r["comm"].get("send", 0)
+            share = psi * 4 * (dp - 1) / dp
+            if "micro-batch" in name:
+                theory_gather = 2 * m * share
+            elif "per step" in name:
+                theory_gather = share
+            else:
+                theory_gather = 0.0
+            print(f"{name:38s} stage {r['stage']}: {psi:>9,} params | memory {mem['total']:>11,} B "
+                  f"({mem['total'] / psi:5.2f} B/param; {mem['total'] / base[rank]:.2f}x ZeRO-1) | "
+                  f"all-gather {gathers:>12,.0f} B (theory {theory_gather:>12,.0f}) | reduce-scatter "
+                  f"{scatters:>12,.0f} B (theory m x Psi x 4 x (dp-1)/dp = {m * share:>12,.0f}) | "
+                  f"all-reduce {r['comm'].get('all_reduce', 0):>10,.0f} B | p2p sent {sent:>9,.0f} B "
+                  f"(theory {m * act:,})")
+            print(f"{'':38s}   parts: {json.dumps({k: v for k, v in mem.items() if k != 'total'})}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The two places where one ZeRO-3 engine per pipeline stage meets DeepSpeed's assumptions.
+
+1. Keep ZeRO-3's consistency checks, but run them over the engine's own data-parallel group.
+
+ZeRO-3 checks that ranks agree on the order in which they gathered parameters
+(`assert_ints_same_as_other_ranks`, in PartitionedParameterCoordinator.reset_step, and in
+the safe-mode / sanity-check paths). DeepSpeed implements it as a broadcast from global
+rank 0 over the *world* group: correct when one engine spans the world, a deadlock when
+each pipeline stage is its own ZeRO-3 engine over its own DP group (stage 1's ranks
+broadcast while stage 0's wait for an activation). `scope_checks_to(group)` replaces the
+function in the modules that call it by the same check over `group`, from the group's
+first rank. One engine per process, so one group per process.
+
+DeepSpeed internals: checked for the versions in SUPPORTED; `tests/unit/test_zero3_internals.py`
+fails if the names or the world-group broadcast this relies on move.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+SUPPORTED = ("0.19.",)
+CALLERS = ("deepspeed.runtime.zero.partitioned_param_coordinator", "deepspeed.runtime.zero.partition_parameters",
+           "deepspeed.runtime.zero.stage3")
+NAME = "assert_ints_same_as_other_ranks"
+
+_group = None
+
+
+def assert_ints_same_in_group(ints: list[int]) -> None:
+    """DeepSpeed's check, over this process's stage group: every rank's list equals its first rank's."""
+    group = _group
+    src = dist.get_global_rank(group, 0)
+    length = torch.tensor([len(ints)], dtype=torch.long)
+    dist.broadcast(length, src=src, group=group)
+    if length.item() != len(ints):
+        raise RuntimeError(f"ZeRO-3 ranks of one stage disagree on a list length: rank {src} has {length.item()}, "
+                           f"rank {dist.get_rank()} has {len(ints)}")
+    first = torch.tensor(ints if dist.get_rank() == src else [-1] * len(ints), dtype=torch.long)
+    dist.broadcast(first, src=src, group=group)
+    if first.tolist() != list(ints):
+        raise RuntimeError(f"ZeRO-3 ranks of one stage disagree on parameter order: rank {src} {first.tolist()}, "
+                           f"rank {dist.get_rank()} {list(ints)}")
+
+
+def scope_checks_to(group) -> None:
+    import importlib
+
+    import deepspeed
+
+    global _group
+    if not deepspeed.__version__.startswith(SUPPORTED):
+        raise RuntimeError(f"parallel.mode=pipe_zero3 relies on DeepSpeed internals checked for versions "
+                           f"{', '.join(v + 'x' for v in SUPPORTED)}; this is DeepSpeed {deepspeed.__version__}. "
+                           f"Pin deepspeed to a checked version or re-check gptscale/engine/zero3_internals.py")
+    _group = group
+    for name in CALLERS:
+        module = importlib.import_module(name)
+        if not hasattr(module, NAME):
+            raise RuntimeError(f"{name} no longer has {NAME}; re-check gptscale/engine/zero3_internals.py")
+        setattr(module, NAME, assert_ints_same_in_group)
+
+
+def end_backward(engine) -> None:
+    """Advance ZeRO-3's micro-step after a backward (see 2. above); a no-op if no backward ran."""
+    engine.optimizer.clear_backward_seen_flag()
