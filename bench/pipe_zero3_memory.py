@@ -169,7 +169,9 @@ def report(results: dict, m: int, dp: int, args) -> None:
             sent = r["comm"].get("isend", 0) + r["comm"].get("send", 0)
             share = psi * 4 * (dp - 1) / dp
             if "micro-batch" in name:
-                theory_gather = 2 * m * share
+                # Forward and backward of every micro-batch; except on the last stage, whose
+                # backward follows its forward at once, so ZeRO-3 still holds the layers (reuse).
+                theory_gather = (m if r["stage"] == 1 else 2 * m) * share
             elif "per step" in name:
                 theory_gather = share
             else:

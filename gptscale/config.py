@@ -283,6 +283,9 @@ class RunConfig:
             object.__setattr__(self, "data", dataclasses.replace(self.data, seq_len=self.model.block_size))
         if self.data.seq_len > self.model.block_size:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.block_size={self.model.block_size}")
+        if self.parallel.resolved_mode == "pipe_zero3" and self.parallel.pp > 1 and self.model.tie_embeddings:
+            raise ConfigError("parallel.mode=pipe_zero3 does not support tied embeddings across stages yet; set "
+                              "model.tie_embeddings=false, or use parallel.mode=pipe")
         if self.parallel.pp > self.model.n_layer:
             raise ConfigError(f"parallel.pp={self.parallel.pp} exceeds model.n_layer={self.model.n_layer}: every "
                               f"pipeline stage needs at least one block; use parallel.pp <= {self.model.n_layer}")

@@ -26,11 +26,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from gptscale.config import ConfigError, RunConfig
+from gptscale.config import RunConfig
 from gptscale.engine.schedule import lr_factor
 from gptscale.engine.trainer import Trainer, _param_groups, _seed_all
 from gptscale.engine.weights import load_canonical_params
-from gptscale.engine.zero3_internals import end_backward, scope_checks_to
+from gptscale.engine.zero3_internals import end_backward, keep_gathered, scope_checks_to
 from gptscale.model.pipe import PipeBlock, PipelineLoss, StageLayer, stage_layers
 from gptscale.parallel.topology import TPGroup, Topology
 
@@ -131,12 +131,6 @@ class PipeZero3Trainer(Trainer):
 
     def _build_engine(self) -> None:
         cfg, ds, topo = self.cfg, self.deepspeed, self.topo
-        if self.ds_config.get("zero_optimization", {}).get("stage") != 3:
-            raise ConfigError(f"parallel.mode=pipe_zero3 needs a ZeRO stage 3 template; train.ds_config "
-                              f"{cfg.train.ds_config!r} is stage {self.ds_config.get('zero_optimization', {}).get('stage')}")
-        if cfg.model.tie_embeddings and topo.layout.pp > 1:
-            raise ConfigError("parallel.mode=pipe_zero3 does not support tied embeddings across stages yet; set "
-                              "model.tie_embeddings=false, or use parallel.mode=pipe")
         scope_checks_to(topo.get_data_parallel_group())
         self.stage, self.stages = topo.coords.pp, topo.layout.pp
         self.is_first, self.is_last = self.stage == 0, self.stage == self.stages - 1
@@ -233,7 +227,7 @@ class PipeZero3Trainer(Trainer):
 
     def _gathered_for_step(self):
         if self.cfg.parallel.pipe_zero3_gather == "step":
-            return self.deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()))
+            return keep_gathered(list(self.engine.module.parameters()), self.deepspeed)
         return contextlib.nullcontext()
 
     def _mean_from_last_stage(self, losses: list[float]) -> float:

@@ -11,10 +11,18 @@ broadcast while stage 0's wait for an activation). `scope_checks_to(group)` repl
 function in the modules that call it by the same check over `group`, from the group's
 first rank. One engine per process, so one group per process.
 
+3. Keep a stage's parameters gathered for a whole step (`keep_gathered`). Gathering them with
+`GatheredParameters` alone does not stop ZeRO-3 from releasing each layer after its forward
+and gathering it again for its backward (measured: the same all-gather volume). A parameter
+is never released while `ds_active_sub_modules` is non-empty, so the step holds a marker in
+it; on leaving, the marker goes first and `GatheredParameters` partitions as usual.
+
 DeepSpeed internals: checked for the versions in SUPPORTED; `tests/unit/test_zero3_internals.py`
 fails if the names or the world-group broadcast this relies on move.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -64,3 +72,19 @@ def scope_checks_to(group) -> None:
 def end_backward(engine) -> None:
     """Advance ZeRO-3's micro-step after a backward (see 2. above); a no-op if no backward ran."""
     engine.optimizer.clear_backward_seen_flag()
+
+
+_HELD_FOR_STEP = -1  # a submodule id no real module has
+
+
+@contextlib.contextmanager
+def keep_gathered(params, deepspeed):
+    """Gather `params` once and keep them gathered until the block ends (see 3. above)."""
+    with deepspeed.zero.GatheredParameters(params):
+        for param in params:
+            param.ds_active_sub_modules.add(_HELD_FOR_STEP)
+        try:
+            yield
+        finally:
+            for param in params:
+                param.ds_active_sub_modules.discard(_HELD_FOR_STEP)

@@ -63,10 +63,11 @@ def test_llama_pipeline_equals_dense_and_consolidates(tmp_path, init_weights_lla
 
 
 def test_pipeline_resumes_exactly_evaluates_and_samples(tmp_path, shards):
-    """PP=2 x DP=2 on real text: exact resume and SIGTERM as in ZeRO-3 mode; validation loss,
-    the bubble metrics and the end-of-run sample (generated from the pipeline checkpoint)."""
+    """PP=2 x DP=2 on real text: exact resume as in ZeRO-3 mode; validation loss, the bubble
+    metrics and the end-of-run sample (generated from the pipeline checkpoint). The SIGTERM
+    path is the trainer loop's, shared by every mode and tested under ZeRO-3."""
     full = check_exact_resume(tmp_path, shards, 4, "parallel.pp=2", "model.n_layer=4", "train.grad_accum=2",
-                              "train.micro_batch=2", "data.num_workers=0", "train.eval_every=3")
+                              "train.micro_batch=2", "data.num_workers=0", "train.eval_every=3", sigterm=False)
     assert set(full["val"]) == {0, 3, 6} and full["val"][6] < full["val"][0]
     assert full["sample"] and full["sample"].startswith("def ")
     records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]

@@ -41,6 +41,8 @@ def test_load_yaml_with_preset_and_overrides(tmp_path):
     (["parallel.pp=2", "parallel.mode=zero3"], "parallel.mode=zero3 cannot use parallel.pp=2"),
     (["parallel.mode=pipeline"], "parallel.mode='pipeline' is unknown; choose one of auto, zero3, pipe"),
     (["parallel.pipe_partition=type"], "parallel.pipe_partition='type' is unknown"),
+    (["parallel.mode=pipe_zero3", "parallel.pp=2"], "parallel.mode=pipe_zero3 does not support tied embeddings"),
+    (["parallel.pipe_zero3_gather=never"], "parallel.pipe_zero3_gather='never' is unknown"),
 ])
 def test_bad_input_gets_one_clear_error(overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -84,3 +86,5 @@ def test_mode_follows_pipeline_degree_unless_set():
     assert config.load(None, []).parallel.resolved_mode == "zero3"
     assert config.load(None, ["parallel.pp=2"]).parallel.resolved_mode == "pipe"
     assert config.load(None, ["parallel.mode=pipe"]).parallel.resolved_mode == "pipe"  # one stage is allowed
+    assert config.load(None, ["parallel.mode=pipe_zero3", "parallel.pp=2", "model.tie_embeddings=false"]
+                       ).parallel.resolved_mode == "pipe_zero3"

@@ -72,6 +72,10 @@ def test_zero_stage_two_or_three_is_refused_with_pipeline_stages():
     assert default["data_types"] == {"grad_accum_dtype": "fp32"}  # bf16 + PP + ZeRO-1 needs fp32 accumulation
     assert assemble(config.load(None, ["parallel.pp=2", "train.ds_config=pipe_zero0"]), 1, False)[
         "zero_optimization"]["stage"] == 0
+    zero1_inside_stages = config.load(None, ["parallel.mode=pipe_zero3", "parallel.pp=2", "model.tie_embeddings=false",
+                                             "train.ds_config=pipe_zero1"])
+    with pytest.raises(ConfigError, match="parallel.mode=pipe_zero3 partitions parameters with ZeRO stage 3"):
+        assemble(zero1_inside_stages, 1, on_gpu=False)
 
 
 def test_bubble_theory_and_warning():

@@ -34,3 +34,10 @@ def test_zero3_still_advances_its_micro_step_at_the_next_forward():
     clear = inspect.getsource(DeepSpeedZeroOptimizer_Stage3.clear_backward_seen_flag)
     assert "self.micro_step_id += 1" in clear and "_epilogue_ran_this_backward" in clear
     assert "clear_backward_seen_flag()" in inspect.getsource(DeepSpeedEngine)
+
+
+def test_a_parameter_with_an_active_submodule_is_never_released():
+    from deepspeed.runtime.zero import partitioned_param_coordinator
+
+    source = inspect.getsource(partitioned_param_coordinator)
+    assert "if param.ds_status == ZeroParamStatus.AVAILABLE and not param.ds_active_sub_modules:" in source
