@@ -36,7 +36,7 @@ demo: install
 
 # The whole suite. pytest's exit code 5 ("no tests collected") is a failure too.
 test: install
-	@$(BIN)/python -m pytest -q tests; rc=$$?; \
+	@$(BIN)/python -m pytest -q --durations=15 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; fi; \
 	exit $$rc
 

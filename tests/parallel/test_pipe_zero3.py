@@ -4,7 +4,7 @@ import pytest
 
 from gptscale.testing.distributed import run_ranks
 from tests.parallel.training import (ENV, SMALL_LLAMA, assert_weights_match, check_exact_resume, dense_reference,
-                                     synthetic, train_ranks)
+                                     synthetic, train_layouts)
 
 pytestmark = pytest.mark.dist
 
@@ -16,23 +16,23 @@ LAYOUTS = {  # the same global batch: 2 micro-steps of dp x micro_batch = 4 rows
 }
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_pipe_zero3_equals_dense(tmp_path, init_weights_llama, layout):
-    overrides = synthetic(tmp_path, layout, f"train.init_from={init_weights_llama}", *LAYOUTS[layout],
-                          model=SMALL_LLAMA)
-    result = run_ranks(train_ranks, 4, overrides, "none", timeout=300, env=ENV)
-    reference, dense_final = dense_reference(overrides, init_weights_llama, 5)
-    for r in result:
-        assert r["losses"] == result[0]["losses"]
-    worst = max(abs(result[0]["losses"][s] - reference[s]) for s in range(1, 6))
-    print(f"{layout}: max |pipe_zero3 - dense| loss over 5 steps: {worst:.2e}")
-    assert worst < 1e-4, (result[0]["losses"], reference)
-    assert reference[5] < reference[1] - 0.02
-
+def test_pipe_zero3_equals_dense(tmp_path, init_weights_llama):
+    """The three layouts train one after another in the same 4 ranks (one start-up)."""
+    runs = {layout: synthetic(tmp_path, layout, f"train.init_from={init_weights_llama}", *LAYOUTS[layout],
+                              model=SMALL_LLAMA) for layout in sorted(LAYOUTS)}
+    results = run_ranks(train_layouts, 4, list(runs.values()), timeout=400, env=ENV)
     from gptscale.engine.consolidate import consolidate
 
-    _, weights = consolidate(tmp_path / layout / "checkpoints" / "step00000005")
-    assert_weights_match(weights, dense_final, overrides, loss_tol=1e-4)
+    for index, (layout, overrides) in enumerate(runs.items()):
+        losses = [rank_results[index]["losses"] for rank_results in results]
+        reference, dense_final = dense_reference(overrides, init_weights_llama, 5)
+        assert all(run == losses[0] for run in losses)
+        worst = max(abs(losses[0][s] - reference[s]) for s in range(1, 6))
+        print(f"{layout}: max |pipe_zero3 - dense| loss over 5 steps: {worst:.2e}")
+        assert worst < 1e-4, (layout, losses[0], reference)
+        assert reference[5] < reference[1] - 0.02
+        _, weights = consolidate(tmp_path / layout / "checkpoints" / "step00000005")
+        assert_weights_match(weights, dense_final, overrides, loss_tol=1e-4)
 
 
 def test_pipe_zero3_resumes_exactly(tmp_path, shards):

@@ -6,7 +6,7 @@ import pytest
 
 from gptscale.testing.distributed import run_ranks
 from tests.parallel.training import (ENV, SMALL_GPT2_4_BLOCKS, SMALL_LLAMA, check_exact_resume, dense_reference,
-                                     loss_with_weights, plain_adamw_losses, synthetic, train_ranks)
+                                     loss_with_weights, plain_adamw_losses, synthetic, train_layouts, train_ranks)
 
 pytestmark = pytest.mark.dist
 
@@ -28,14 +28,16 @@ def _assert_matches_dense(runs, reference):
     assert reference[5] < reference[1] - 0.02  # it learns: the comparison is not between constants
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_gpt2_pipeline_equals_dense(tmp_path, init_weights_4_blocks, layout):
-    """Tied embeddings: the first and last stages hold one matrix whose gradients are summed."""
-    overrides = synthetic(tmp_path, layout, f"train.init_from={init_weights_4_blocks}", *LAYOUTS[layout],
-                          model=SMALL_GPT2_4_BLOCKS)
-    result = run_ranks(train_ranks, 4, overrides, "none", timeout=300, env=ENV)
-    reference = plain_adamw_losses(overrides, init_weights_4_blocks, 5)
-    _assert_matches_dense([r["losses"] for r in result], reference)
+def test_gpt2_pipeline_equals_dense(tmp_path, init_weights_4_blocks):
+    """Tied embeddings: the first and last stages hold one matrix whose gradients are summed.
+    The three layouts train one after another in the same 4 ranks."""
+    runs = {layout: synthetic(tmp_path, layout, f"train.init_from={init_weights_4_blocks}", *LAYOUTS[layout],
+                              model=SMALL_GPT2_4_BLOCKS) for layout in sorted(LAYOUTS)}
+    results = run_ranks(train_layouts, 4, list(runs.values()), timeout=400, env=ENV)
+    for index, (layout, overrides) in enumerate(runs.items()):
+        print(layout, end=": ")
+        reference = plain_adamw_losses(overrides, init_weights_4_blocks, 5)
+        _assert_matches_dense([rank_results[index]["losses"] for rank_results in results], reference)
 
 
 def test_llama_pipeline_equals_dense_and_consolidates(tmp_path, init_weights_llama):

@@ -7,18 +7,20 @@ import pytest
 
 from gptscale.engine.checkpoint import COMPLETE, find_resume
 from gptscale.testing.distributed import RankFailure, run_ranks
-from tests.parallel.training import ENV, check_exact_resume, plain_adamw_losses, real, synthetic
+from tests.parallel.training import ENV, check_exact_resume, plain_adamw_losses, real, synthetic, train_layouts
 from tests.parallel.training import train_ranks as _train
 
 pytestmark = pytest.mark.dist
 
 
-def test_zero3_equals_plain_adamw_and_tp2_equals_tp1(tmp_path, init_weights):
+def test_zero3_equals_plain_adamw_and_tp2_equals_tp1_and_recomputation_changes_no_maths(tmp_path, init_weights):
     zero3 = synthetic(tmp_path, "dp2", f"train.init_from={init_weights}")
-    dp2 = run_ranks(_train, 2, zero3, "none", timeout=300, env=ENV)
     # tp=2 leaves dp=1: twice the micro-batch keeps the global batch (and its rows) the same.
-    tp2 = run_ranks(_train, 2, synthetic(tmp_path, "tp2", f"train.init_from={init_weights}", "parallel.tp=2",
-                                         "train.micro_batch=4"), "none", timeout=300, env=ENV)
+    tp = synthetic(tmp_path, "tp2", f"train.init_from={init_weights}", "parallel.tp=2", "train.micro_batch=4")
+    recompute = synthetic(tmp_path, "ckpt", f"train.init_from={init_weights}", "model.activation_checkpointing=true")
+    results = run_ranks(train_layouts, 2, [zero3, tp, recompute], timeout=400, env=ENV)  # one start-up, 3 runs
+    dp2, tp2, recomputed = ([rank_results[i] for rank_results in results] for i in range(3))
+    assert recomputed[0]["losses"] == dp2[0]["losses"]  # bitwise: recomputation replays the same fp32 ops
     reference = plain_adamw_losses(zero3, init_weights, 5)
     for rank in range(2):
         assert dp2[rank]["losses"] == dp2[0]["losses"] and tp2[rank]["losses"] == tp2[0]["losses"]
@@ -64,11 +66,3 @@ def test_a_checkpoint_cut_by_a_dying_rank_is_never_resumed(tmp_path, shards):
     resumed = run_ranks(_train, 2, overrides, timeout=300, env=ENV)[0]
     assert sorted(resumed["losses"]) == [3, 4]
 
-
-def test_activation_checkpointing_under_zero3_changes_memory_not_maths(tmp_path, init_weights):
-    plain = run_ranks(_train, 2, synthetic(tmp_path, "plain", f"train.init_from={init_weights}"), "none",
-                      timeout=300, env=ENV)[0]["losses"]
-    recomputed = run_ranks(_train, 2, synthetic(tmp_path, "ckpt", f"train.init_from={init_weights}",
-                                                "model.activation_checkpointing=true"), "none",
-                           timeout=300, env=ENV)[0]["losses"]
-    assert recomputed == plain  # bitwise: recomputation replays the same fp32 ops

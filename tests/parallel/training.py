@@ -29,6 +29,12 @@ def train_ranks(overrides, resume="auto", sigterm_after=None):
             "signal": result.stopped_by_signal, "sample": result.sample}
 
 
+def train_layouts(runs, resume="none"):
+    """Rank body: several trainings one after another in the same ranks (each its own layout
+    and engine), to pay the ranks' start-up once. Returns each run's result."""
+    return [train_ranks(overrides, resume) for overrides in runs]
+
+
 def synthetic(tmp_path, name, *extra, model=SMALL_MODEL):
     """5 steps of 2 micro-steps x 4 rows (micro_batch=2 on each of 2 DP ranks) of synthetic data."""
     return [*model, "data.synthetic=true", "data.seq_len=32", f"train.out_dir={tmp_path / name}",
@@ -56,8 +62,10 @@ def check_exact_resume(tmp_path, shards, world, *extra, timeout=300, sigterm=Tru
         return run_ranks(train_ranks, world, real(tmp_path, shards, name, steps, *extra), *args, timeout=timeout,
                          env=ENV)
 
-    full = run("full", 6, "none")[0]
-    run("split", 3)  # N steps, "kill" (the run ends) ...
+    # The uninterrupted run and the first half share one start-up; the resume gets fresh
+    # processes, so nothing but the checkpoint carries over.
+    full, _ = run_ranks(train_layouts, world, [real(tmp_path, shards, "full", 6, *extra),
+                                               real(tmp_path, shards, "split", 3, *extra)], timeout=timeout, env=ENV)[0]
     second = run("split", 6)[0]["losses"]  # ... resume for N more
     assert sorted(second) == [4, 5, 6]
     for step in (4, 5, 6):
