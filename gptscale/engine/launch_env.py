@@ -165,6 +165,16 @@ def discover(environ=None, mpi_broadcast=_mpi_broadcast_address) -> LaunchEnv:
     return LaunchEnv(launcher, rank, world, local_rank, local_world, addr, port or DEFAULT_PORT, source)
 
 
+def comm_device():
+    """Where small tensors for collectives must live: the current GPU under NCCL, else the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))

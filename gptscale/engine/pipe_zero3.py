@@ -27,6 +27,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from gptscale.config import RunConfig
+from gptscale.engine.launch_env import comm_device
 from gptscale.engine.schedule import lr_factor
 from gptscale.engine.trainer import Trainer, _param_groups, _seed_all
 from gptscale.engine.weights import load_canonical_params
@@ -112,7 +113,7 @@ class P2P:
     def exchange(self, send: list[tuple[torch.Tensor, int]], recv_from: list[int]) -> list[torch.Tensor]:
         """Post every send and receive at once, then wait: neighbours exchanging in opposite
         directions never wait on each other's blocking send."""
-        received = [torch.empty(self.shape, dtype=self.dtype) for _ in recv_from]
+        received = [torch.empty(self.shape, dtype=self.dtype, device=comm_device()) for _ in recv_from]
         requests = [dist.isend(t.contiguous(), peer) for t, peer in send]
         requests += [dist.irecv(buf, peer) for buf, peer in zip(received, recv_from)]
         for request in requests:
@@ -201,7 +202,7 @@ class PipeZero3Trainer(Trainer):
         return received[0] if received else None
 
     def _forward(self, batch, inflight: deque, losses: list[float], received):
-        input_ids, labels = batch
+        input_ids, labels = self._on_device(batch)
         x = input_ids if self.is_first else received.requires_grad_()
         out = self.engine(x)
         if self.is_last:
@@ -232,7 +233,7 @@ class PipeZero3Trainer(Trainer):
 
     def _mean_from_last_stage(self, losses: list[float]) -> float:
         """The mean loss over micro-batches and DP replicas, from the last stage to every rank."""
-        value = torch.tensor([sum(losses) / len(losses) if losses else 0.0], dtype=torch.float64)
+        value = torch.tensor([sum(losses) / len(losses) if losses else 0.0], dtype=torch.float64, device=comm_device())
         if self.is_last:
             dist.all_reduce(value, group=self.topo.get_data_parallel_group())
             value /= self.topo.layout.dp
@@ -244,7 +245,8 @@ class PipeZero3Trainer(Trainer):
     def evaluate(self, held_out) -> float:
         self.engine.eval()
         losses = []
-        for input_ids, labels in held_out:  # fill and drain per batch: evaluation is small
+        for batch in held_out:  # fill and drain per batch: evaluation is small
+            input_ids, labels = self._on_device(batch)
             x = input_ids if self.is_first else self._recv_forward()
             out = self.engine(x)
             if self.is_last:

@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from gptscale.config import RunConfig
+from gptscale.engine.launch_env import comm_device
 from gptscale.model.pipe import PipeBlock, PipelineLoss, StageLayer, layers_with_parameters, stage_layers
 from gptscale.parallel.topology import Topology
 
@@ -144,9 +145,11 @@ def idle_fractions_per_stage(timer: StageTimer, topo: Topology) -> list[float]:
     """Every stage's idle fraction over the pipeline's span (in stage order), on every rank."""
     busy, span = timer.take()
     group = topo.get_pipe_parallel_group()
-    longest = torch.tensor([span], dtype=torch.float64)
+    device = comm_device()
+    longest = torch.tensor([span], dtype=torch.float64, device=device)
     dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
-    mine = torch.tensor([1.0 - busy / longest.item() if longest.item() > 0 else float("nan")], dtype=torch.float64)
+    mine = torch.tensor([1.0 - busy / longest.item() if longest.item() > 0 else float("nan")], dtype=torch.float64,
+                        device=device)
     gathered = [torch.zeros_like(mine) for _ in range(topo.layout.pp)]
     dist.all_gather(gathered, mine, group=group)
     return [g.item() for g in gathered]

@@ -28,7 +28,7 @@ from gptscale.engine import checkpoint
 from gptscale.engine.data import tokenizer_for, train_batches, validation_batches
 from gptscale.engine.ds_config import assemble, load_template
 from gptscale.engine.ds_env import import_deepspeed, on_gpu
-from gptscale.engine.launch_env import init_distributed
+from gptscale.engine.launch_env import comm_device, init_distributed
 from gptscale.engine.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from gptscale.engine.schedule import lr_factor
 from gptscale.model.counting import flops_per_token
@@ -58,7 +58,7 @@ class StopRequest:
         self.flag = True
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.flag else 0.0])
+        flag = torch.tensor([1.0 if self.flag else 0.0], device=comm_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -88,7 +88,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _dp_mean(value: float, topo: Topology) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=comm_device())
     dist.all_reduce(t, group=topo.get_data_parallel_group())
     return t.item() / topo.layout.dp
 
@@ -235,7 +235,7 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; returns the global mean loss."""
         losses = []
         while len(losses) < self.cfg.train.grad_accum:
-            input_ids, labels = next(iterator)
+            input_ids, labels = self._on_device(next(iterator))
             loss = self.engine(input_ids, labels=labels)
             if not self._finite_everywhere(loss):
                 self._count_nonfinite(step, "micro-batches")
@@ -259,15 +259,22 @@ class Trainer:
         """Mode-specific entries of the step's metrics record."""
         return {}
 
+    def _on_device(self, batch):
+        """The loader's CPU tensors on this rank's device (DeepSpeed does not move inputs)."""
+        return tuple(t.to(self.engine.device, non_blocking=True) for t in batch)
+
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
-        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
+        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=comm_device())
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return bad.item() == 0.0
 
     @torch.no_grad()
     def evaluate(self, held_out) -> float:
         self.engine.eval()
-        losses = [self.engine(x, labels=y).item() for x, y in held_out]
+        losses = []
+        for batch in held_out:
+            x, y = self._on_device(batch)
+            losses.append(self.engine(x, labels=y).item())
         self.engine.train()
         return _dp_mean(sum(losses) / len(losses), self.topo)
 
@@ -281,8 +288,8 @@ class Trainer:
 
     def sample(self) -> str:
         t = self.cfg.train
-        prompt = torch.tensor([self.tokenizer.encode(t.sample_prompt)])
-        g = torch.Generator().manual_seed(t.seed)
+        prompt = torch.tensor([self.tokenizer.encode(t.sample_prompt)], device=self.engine.device)
+        g = torch.Generator(device=self.engine.device).manual_seed(t.seed)
         out = generate(self.engine.module, prompt, t.sample_tokens, temperature=0.8, top_k=50, generator=g,
                        stop_token=self.tokenizer.eos_id)
         return self.tokenizer.decode(out[0].tolist())

@@ -39,14 +39,17 @@ def assert_ints_same_in_group(ints: list[int]) -> None:
     """DeepSpeed's check, over this process's stage group: every rank's list equals its first rank's."""
     group = _group
     src = dist.get_global_rank(group, 0)
-    length = torch.tensor([len(ints)], dtype=torch.long)
+    from gptscale.engine.launch_env import comm_device
+
+    length = torch.tensor([len(ints)], dtype=torch.long, device=comm_device())
     dist.broadcast(length, src=src, group=group)
     if length.item() != len(ints):
         raise RuntimeError(f"ZeRO-3 ranks of one stage disagree on a list length: rank {src} has {length.item()}, "
                            f"rank {dist.get_rank()} has {len(ints)}")
-    first = torch.tensor(ints if dist.get_rank() == src else [-1] * len(ints), dtype=torch.long)
+    first = torch.tensor(ints if dist.get_rank() == src else [-1] * len(ints), dtype=torch.long,
+                         device=length.device)
     dist.broadcast(first, src=src, group=group)
-    if first.tolist() != list(ints):
+    if first.cpu().tolist() != list(ints):
         raise RuntimeError(f"ZeRO-3 ranks of one stage disagree on parameter order: rank {src} {first.tolist()}, "
                            f"rank {dist.get_rank()} {list(ints)}")
 
