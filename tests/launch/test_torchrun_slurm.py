@@ -160,5 +160,6 @@ def test_slurm_preemption_signal_saves_and_requeues(slurm, tmp_path, launch_env,
     assert "stop signal: saved step" in out.read_text()
     saved = [p for p in (run_dir / "checkpoints").iterdir() if (p / "COMPLETE.json").is_file()]
     assert len(saved) == 1 and json.loads((saved[0] / "COMPLETE.json").read_text())["step"] < 500
-    assert slurm.job_state(job) in ("PENDING", "REQUEUED", "REQUEUE_HOLD"), slurm.job_state(job)
+    # COMPLETING (the old run's steps ending) comes first; then the job waits to start again.
+    wait_until(lambda: slurm.job_state(job) in ("PENDING", "REQUEUED", "REQUEUE_HOLD"), 60, "the requeued job")
     slurm.slurm("scancel", job)
