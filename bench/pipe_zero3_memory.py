@@ -66,6 +66,8 @@ class CommCounter:
 def _measure(overrides: list[str]) -> dict:
     import torch
 
+    from gptscale.engine.memory import resident_bytes
+
     counter = CommCounter()
     cfg = config.load(None, overrides)
     from gptscale.engine.pipe_trainer import PipelineTrainer
@@ -87,37 +89,6 @@ def _measure(overrides: list[str]) -> dict:
     stage_params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.engine.module.parameters())
     return {"memory": memory, "comm": dict(counter.bytes), "stage_params": stage_params,
             "stage": trainer.topo.coords.pp, "torch": torch.__version__}
-
-
-def resident_bytes(engine) -> dict[str, int]:
-    """Parameters, master weights, gradient partitions and optimizer states this rank keeps."""
-    import torch
-
-    opt, seen = engine.optimizer, set()
-
-    def size(tensors) -> int:
-        total = 0
-        for t in tensors:
-            if t is None or not torch.is_tensor(t) or t.numel() == 0:
-                continue
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        return total
-
-    params = list(engine.module.parameters())
-    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
-        parts = {"parameters": size(p.ds_tensor for p in params),
-                 "master_weights": size(opt.fp32_partitioned_groups_flat),
-                 "gradients": size([getattr(opt, "grad_partitions_flat_buffer", None)])}
-    else:  # ZeRO-1: whole parameters, partitioned master weights; gradients are transient
-        parts = {"parameters": size(p.data for p in params),
-                 "master_weights": size(opt.single_partition_of_fp32_groups),
-                 "gradients": 0}  # whole-size param.grad during backward, freed after the step
-    parts["optimizer_states"] = size(v for state in opt.optimizer.state.values() for v in state.values())
-    parts["total"] = sum(parts.values())
-    return parts
 
 
 def main() -> None:

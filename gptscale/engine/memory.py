@@ -1,13 +1,15 @@
-"""What a ZeRO-3 rank holds for parameters, gradients and optimizer state, in bytes.
+"""What a rank holds for parameters, gradients and optimizer state, in bytes.
 
-Counts the tensors DeepSpeed's stage-3 optimizer keeps resident, each storage once
-(parameter partitions are views into flat buffers)."""
+Counts the tensors DeepSpeed's optimizer keeps resident between steps, each storage once
+(parameter partitions are views into flat buffers). ZeRO-3 keeps parameter, master-weight
+and gradient partitions; ZeRO-0/1 keep whole parameters and partitioned master weights, and
+their whole-size gradients exist only during backward (not counted here)."""
 from __future__ import annotations
 
 import torch
 
 
-def zero3_resident_bytes(engine) -> dict[str, int]:
+def resident_bytes(engine) -> dict[str, int]:
     opt = engine.optimizer
     seen: set[int] = set()
 
@@ -23,12 +25,18 @@ def zero3_resident_bytes(engine) -> dict[str, int]:
             total += storage.nbytes()
         return total
 
-    parts = {
-        "parameters": size(p.ds_tensor for p in engine.module.parameters()),
-        "master_weights": size(opt.fp32_partitioned_groups_flat),
-        "gradients": size([getattr(opt, "grad_partitions_flat_buffer", None),
-                           *(t.grad for t in opt.fp32_partitioned_groups_flat)]),
-        "optimizer_states": size(v for state in opt.optimizer.state.values() for v in state.values()),
-    }
+    params = list(engine.module.parameters())
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        parts = {
+            "parameters": size(p.ds_tensor for p in params),
+            "master_weights": size(opt.fp32_partitioned_groups_flat),
+            "gradients": size([getattr(opt, "grad_partitions_flat_buffer", None),
+                               *(t.grad for t in opt.fp32_partitioned_groups_flat)]),
+        }
+    else:  # ZeRO-0/1 under the PipelineEngine
+        parts = {"parameters": size(p.data for p in params),
+                 "master_weights": size(opt.single_partition_of_fp32_groups),
+                 "gradients": 0}
+    parts["optimizer_states"] = size(v for state in opt.optimizer.state.values() for v in state.values())
     parts["total"] = sum(parts.values())
     return parts

@@ -46,16 +46,11 @@ class PipelineTrainer(Trainer):
 
     def train_step(self, iterator, step: int) -> float:
         loss = self.engine.train_batch(iterator).item()  # already the mean over micro-batches and DP
-        if loss != loss or loss in (float("inf"), float("-inf")):
-            # The PipelineEngine applies the whole step before the loss is known: count it, and stop
-            # after max_nonfinite in a row, but it cannot be skipped as in ZeRO-3 mode.
-            self._count_nonfinite(step, "steps")
-        else:
-            self.nonfinite_streak = 0
-        return loss
+        self.step_timing = self.timer.take()  # this step's alone, whenever it is logged
+        return self._count_applied_step(loss, step)
 
     def step_metrics(self) -> dict:
-        measured = idle_fractions_per_stage(self.timer, self.topo)
+        measured = idle_fractions_per_stage(*self.step_timing, self.topo)
         return {"pipe_idle_fraction": measured,
                 "pipe_idle_theory": theoretical_idle_fraction(self.topo.layout.pp, self.cfg.train.grad_accum)}
 

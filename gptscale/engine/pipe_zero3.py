@@ -108,7 +108,6 @@ class P2P:
         self.prev = layout.rank(tp=c.tp, dp=c.dp, pp=c.pp - 1) if c.pp > 0 else None
         self.next = layout.rank(tp=c.tp, dp=c.dp, pp=c.pp + 1) if c.pp < layout.pp - 1 else None
         self.shape, self.dtype = shape, dtype
-        self.bytes_sent = 0
 
     def exchange(self, send: list[tuple[torch.Tensor, int]], recv_from: list[int]) -> list[torch.Tensor]:
         """Post every send and receive at once, then wait: neighbours exchanging in opposite
@@ -118,7 +117,6 @@ class P2P:
         requests += [dist.irecv(buf, peer) for buf, peer in zip(received, recv_from)]
         for request in requests:
             request.wait()
-        self.bytes_sent += sum(t.numel() * t.element_size() for t, _ in send)
         return received
 
 
@@ -183,12 +181,7 @@ class PipeZero3Trainer(Trainer):
         # The boundary step last, once every gradient has been passed on: its gradient norm is
         # an all-reduce over all stages, which a stage still waiting for a gradient would block.
         self.engine.step()
-        loss = self._mean_from_last_stage(losses)
-        if loss != loss or loss in (float("inf"), float("-inf")):
-            self._count_nonfinite(step, "steps")  # applied already, as in pipe mode: counted, not skipped
-        else:
-            self.nonfinite_streak = 0
-        return loss
+        return self._count_applied_step(self._mean_from_last_stage(losses), step)
 
     def _recv_forward(self) -> torch.Tensor | None:
         return self._exchange(None, None, self.p2p.prev)

@@ -141,9 +141,9 @@ class StageTimer:
         return busy, span
 
 
-def idle_fractions_per_stage(timer: StageTimer, topo: Topology) -> list[float]:
-    """Every stage's idle fraction over the pipeline's span (in stage order), on every rank."""
-    busy, span = timer.take()
+def idle_fractions_per_stage(busy: float, span: float, topo: Topology) -> list[float]:
+    """Every stage's idle fraction over the pipeline's span of one step (`StageTimer.take()`
+    on each stage), in stage order, on every rank."""
     group = topo.get_pipe_parallel_group()
     device = comm_device()
     longest = torch.tensor([span], dtype=torch.float64, device=device)

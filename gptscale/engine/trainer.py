@@ -246,6 +246,15 @@ class Trainer:
             losses.append(loss.item())
         return _dp_mean(sum(losses) / len(losses), self.topo)
 
+    def _count_applied_step(self, loss: float, step: int) -> float:
+        """Pipeline modes apply a whole step before its loss is known: a non-finite one is
+        counted (and max_nonfinite in a row stop the run) but cannot be skipped."""
+        if math.isfinite(loss):
+            self.nonfinite_streak = 0
+        else:
+            self._count_nonfinite(step, "steps")
+        return loss
+
     def _count_nonfinite(self, step: int, what: str) -> None:
         self.nonfinite_streak += 1
         self.nonfinite_total += 1

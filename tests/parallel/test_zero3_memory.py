@@ -16,12 +16,12 @@ MODEL = ["model.preset=tiny", "model.vocab_size=4096", "model.n_layer=4", "model
 
 
 def _resident(overrides):
-    from gptscale.engine.memory import zero3_resident_bytes
+    from gptscale.engine.memory import resident_bytes
     from gptscale.engine.trainer import Trainer
 
     trainer = Trainer(config.load(None, overrides), resume="none")
     trainer.run()
-    return zero3_resident_bytes(trainer.engine), sum(p.ds_numel for p in trainer.engine.module.parameters())
+    return resident_bytes(trainer.engine), sum(p.ds_numel for p in trainer.engine.module.parameters())
 
 
 def test_memory_scales_as_one_over_dp(tmp_path):
