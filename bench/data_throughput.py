@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
+from gptscale.config import ModelConfig
 from gptscale.data.prepare import prepare
 from gptscale.data.sources import ReadOptions, read_documents
 from gptscale.data.stream import StreamingLoader, StreamSpec, corpus_from
 from gptscale.data.tokenizer import train_tokenizer
 from gptscale.model.gpt import GPT
-from gptscale.presets import preset
 
 
 def loader_rate(folder: str, manifest: dict, workers: int, seconds: float = 6.0) -> float:
@@ -41,7 +41,7 @@ def loader_rate(folder: str, manifest: dict, workers: int, seconds: float = 6.0)
 
 def training_rate(name: str, batch: int, seq_len: int, steps: int) -> float:
     torch.manual_seed(0)
-    model = GPT(preset(name, vocab_size=4096))
+    model = GPT(ModelConfig.from_preset(name, vocab_size=4096))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, 4096, (batch, seq_len))
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from gptscale import config
-from gptscale.engine.metrics import device_peak_tflops
+from gptscale.scaling.hardware import device_peak_tflops
 from gptscale.model.counting import flops_per_token
 from gptscale.model.gpt import GPT
 

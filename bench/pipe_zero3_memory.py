@@ -66,27 +66,26 @@ class CommCounter:
 def _measure(overrides: list[str]) -> dict:
     import torch
 
-    from gptscale.engine.memory import resident_bytes
+    from gptscale.runtime.memory import resident_bytes
+
+    from gptscale.train.loop import Trainer
 
     counter = CommCounter()
-    cfg = config.load(None, overrides)
-    from gptscale.engine.pipe_trainer import PipelineTrainer
-    from gptscale.engine.pipe_zero3 import PipeZero3Trainer
+    trainer = Trainer(config.load(None, overrides), "none")
+    runtime = trainer.runtime
+    original_step = runtime.train_step
 
-    trainer = (PipeZero3Trainer if cfg.parallel.resolved_mode == "pipe_zero3" else PipelineTrainer)(cfg, "none")
-    original_step = trainer.train_step
-
-    def counted_step(iterator, step):
+    def counted_step(batches, step, nonfinite):
         counter.counting = step == 2  # the third step: warm, and no first-step set-up traffic
         try:
-            return original_step(iterator, step)
+            return original_step(batches, step, nonfinite)
         finally:
             counter.counting = False
 
-    trainer.train_step = counted_step
+    runtime.train_step = counted_step
     trainer.run()
-    memory = resident_bytes(trainer.engine)
-    stage_params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.engine.module.parameters())
+    memory = resident_bytes(runtime.engine)
+    stage_params = sum(getattr(p, "ds_numel", p.numel()) for p in runtime.engine.module.parameters())
     return {"memory": memory, "comm": dict(counter.bytes), "stage_params": stage_params,
             "stage": trainer.topo.coords.pp, "torch": torch.__version__}
 

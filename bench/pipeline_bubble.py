@@ -18,12 +18,12 @@ import tempfile
 from pathlib import Path
 
 from gptscale import config
-from gptscale.engine.pipeline import theoretical_idle_fraction
+from gptscale.scaling.bubble import theoretical_idle_fraction
 from gptscale.testing.distributed import run_ranks
 
 
 def _train(overrides: list[str]) -> None:
-    from gptscale.engine.trainer import train
+    from gptscale.train.loop import train
 
     train(config.load(None, overrides), resume="none")
 

@@ -18,9 +18,9 @@ from gptscale.testing.distributed import run_ranks
 def _body(kind: str, overrides: list[str], steps: int) -> dict:
     import torch
 
-    from gptscale.engine.data import SyntheticBatches
-    from gptscale.engine.ds_config import assemble
-    from gptscale.engine.ds_env import import_deepspeed, on_gpu
+    from gptscale.train.batches import SyntheticBatches
+    from gptscale.runtime.ds_config import assemble
+    from gptscale.ds_import import import_deepspeed, on_gpu
     from gptscale.model.counting import flops_per_token
     from gptscale.parallel.topology import Topology
 
@@ -75,7 +75,7 @@ def main() -> None:
                  "data.synthetic=true", "train.micro_batch=4"]
     import torch
 
-    from gptscale.engine.metrics import measure_cpu_peak_tflops
+    from gptscale.scaling.hardware import measure_cpu_peak_tflops
 
     torch.set_num_threads(1)  # as each rank runs
     peak = measure_cpu_peak_tflops(seconds=2.0)  # one denominator for both, so MFUs compare

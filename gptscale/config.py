@@ -2,7 +2,8 @@
 
 One source of truth for every number. Loading is strict: an unknown key, a value of the
 wrong type or an impossible combination raises `ConfigError` with a one-line message that
-names the field, the value and the fix. This module never imports torch.
+names the field, the value and the fix. This module never imports torch; the run modes
+`parallel.mode` accepts come from the registry in `gptscale.modes`.
 """
 from __future__ import annotations
 
@@ -18,16 +19,13 @@ from typing import Any, Mapping
 
 import yaml
 
+from gptscale import modes
+from gptscale.errors import ConfigError
+from gptscale.presets import preset_dict
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
-
-class ConfigError(ValueError):
-    """A configuration problem a user can fix; the message names field, value and fix."""
-
-
 FAMILIES = ("gpt2", "llama")
-MODES = ("auto", "zero3", "pipe", "pipe_zero3")
 PIPE_ZERO3_GATHER = ("micro_batch", "step")
 PIPE_PARTITIONS = ("parameters", "blocks")
 
@@ -76,6 +74,11 @@ class ModelConfig:
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
         self.validate()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """The shape of a named preset (see `gptscale presets`), with optional field overrides."""
+        return from_dict(cls, {**preset_dict(name), **overrides}, "model")
 
     # -- derived quantities -------------------------------------------------------------
     @property
@@ -137,11 +140,8 @@ def llama_ffn_hidden(n_embd: int, multiple_of: int = 256) -> int:
 class ParallelConfig:
     """Degrees of parallelism. world_size = tp * pp * dp; dp=None derives it from the world.
 
-    mode: how the model is split (see README, "Parallelism"):
-      zero3  TP x DP, ZeRO-3 over DP (pp must be 1)
-      pipe   TP x PP x DP with DeepSpeed's PipelineEngine (1F1B), ZeRO stage 0/1 over DP
-      pipe_zero3  TP x PP x DP, each stage ZeRO-3 over its DP group (gptscale's own 1F1B)
-      auto   zero3 when pp == 1, else pipe
+    mode: how the model is split and trained: a run mode registered in `gptscale.modes`
+      (README, "Parallelism"), or auto, which picks one for parallel.pp.
     pipe_partition: how blocks are spread over stages: `parameters` (balance parameter
       counts; embedding and head weigh in) or `blocks` (equal numbers of blocks).
     pipe_zero3_gather: pipe_zero3 gathers a stage's parameters per `micro_batch` (least
@@ -157,23 +157,18 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         _require_positive(self, "parallel", ("tp", "pp", "dp"))
-        if self.mode not in MODES:
-            raise ConfigError(f"parallel.mode={self.mode!r} is unknown; choose one of {', '.join(MODES)}")
         if self.pipe_partition not in PIPE_PARTITIONS:
             raise ConfigError(f"parallel.pipe_partition={self.pipe_partition!r} is unknown; choose one of "
                               f"{', '.join(PIPE_PARTITIONS)}")
         if self.pipe_zero3_gather not in PIPE_ZERO3_GATHER:
             raise ConfigError(f"parallel.pipe_zero3_gather={self.pipe_zero3_gather!r} is unknown; choose one of "
                               f"{', '.join(PIPE_ZERO3_GATHER)}")
-        if self.mode == "zero3" and self.pp > 1:
-            raise ConfigError(f"parallel.mode=zero3 cannot use parallel.pp={self.pp}; set parallel.mode=pipe "
-                              f"(or auto) for pipeline stages, or parallel.pp=1")
+        modes.check(self.mode, self.pp)
 
     @property
     def resolved_mode(self) -> str:
-        if self.mode == "auto":
-            return "zero3" if self.pp == 1 else "pipe"
-        return self.mode
+        """The run mode's name (`auto` resolved for parallel.pp)."""
+        return modes.resolve(self.mode, self.pp).name
 
     def resolve_dp(self, world_size: int) -> int:
         """The data-parallel degree for `world_size` ranks; raises if the product cannot match."""
@@ -283,9 +278,7 @@ class RunConfig:
             object.__setattr__(self, "data", dataclasses.replace(self.data, seq_len=self.model.block_size))
         if self.data.seq_len > self.model.block_size:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.block_size={self.model.block_size}")
-        if self.parallel.resolved_mode == "pipe_zero3" and self.parallel.pp > 1 and self.model.tie_embeddings:
-            raise ConfigError("parallel.mode=pipe_zero3 does not support tied embeddings across stages yet; set "
-                              "model.tie_embeddings=false, or use parallel.mode=pipe")
+        modes.check(self.parallel.mode, self.parallel.pp, self.model.tie_embeddings)
         if self.parallel.pp > self.model.n_layer:
             raise ConfigError(f"parallel.pp={self.parallel.pp} exceeds model.n_layer={self.model.n_layer}: every "
                               f"pipeline stage needs at least one block; use parallel.pp <= {self.model.n_layer}")
@@ -386,8 +379,6 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
 
 
 def _expand_preset(data: dict[str, Any]) -> dict[str, Any]:
-    from gptscale.presets import preset_dict  # local: presets imports this module
-
     model = data.get("model")
     if isinstance(model, dict) and "preset" in model:
         model = dict(model)

@@ -2,12 +2,13 @@
 
 The published shapes are kept exactly so that `count_parameters` can be checked against
 the numbers their authors report (GPT-2 124M = 124,439,808; Llama-2-7B = 6,738,415,616 ...).
+Shapes only (plain dicts): `ModelConfig.from_preset(name)` turns one into a checked config.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from gptscale.config import ConfigError, ModelConfig, from_dict
+from gptscale.errors import ConfigError
 
 _PRESETS: dict[str, dict[str, Any]] = {
     # CPU tests and the demo: a few hundred thousand parameters, trains in minutes on 2 cores.
@@ -42,7 +43,3 @@ def preset_dict(name: str) -> dict[str, Any]:
         raise ConfigError(f"model.preset={name!r} is unknown; choose one of {', '.join(_PRESETS)}")
     return dict(_PRESETS[name])
 
-
-def preset(name: str, **overrides: Any) -> ModelConfig:
-    """The ModelConfig of a named preset, with optional field overrides."""
-    return from_dict(ModelConfig, {**preset_dict(name), **overrides}, "model")

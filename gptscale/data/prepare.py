@@ -19,10 +19,10 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from gptscale.data.errors import DataError
 from gptscale.data.shards import FORMAT, MANIFEST, ShardWriter, shard_info_dicts, token_dtype, write_manifest
 from gptscale.data.sources import Document, ReadOptions, read_documents
 from gptscale.data.tokenizer import TextTokenizer
+from gptscale.errors import DataError
 
 TOKENIZER_DIR = "tokenizer"
 _worker_tokenizer: TextTokenizer | None = None

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from gptscale.atomic import atomic_write, write_text_atomic
-from gptscale.data.errors import DataError
+from gptscale.errors import DataError
 
 MANIFEST = "manifest.json"
 FORMAT = "gptscale-shards/1"

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from gptscale.data.errors import DataError
+from gptscale.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 COMPRESSIONS = ("", ".gz", ".zst")

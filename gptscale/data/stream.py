@@ -38,10 +38,10 @@ import torch
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gptscale.data.errors import DataError
 from gptscale.data.shards import MANIFEST, read_manifest, split_urls
+from gptscale.errors import DataError
+from gptscale.parallel.layers import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 MIX_BLOCK = 4096
 STATE_VERSION = 1
 

@@ -2,7 +2,8 @@
 
 Reads like single-device code: the tensor-parallel layers hide their communication, and
 with `TPGroup.single()` every one of them is exactly the dense torch layer. Never imports
-deepspeed; the engine wraps this model.
+deepspeed; a runtime wraps this model. The pieces (`embed_positions`, `Block`,
+`vocab_logits`, `lm_loss`) are also what `model/stages.py` cuts into pipeline stages.
 
 Shapes: B batch, T tokens, d = n_embd, hd = head size; a `_l` suffix means "this TP
 rank's share" (heads / tp, vocab / tp).
@@ -17,12 +18,19 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gptscale.config import ModelConfig
+from gptscale.model.loss import lm_loss
 from gptscale.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                      VocabParallelHead, mask_vocab_padding, vocab_parallel_cross_entropy)
+                                      VocabParallelHead, mask_vocab_padding)
 from gptscale.parallel.primitives import gather_from_tp
 from gptscale.parallel.topology import TPGroup
 
-IGNORE_INDEX = -100  # label value that contributes no loss (prompt tokens in SFT, padding)
+NOT_DECAYED = ("pos_embed",)  # matrices that weight decay leaves alone (besides every vector)
+
+
+def weight_decay_applies(name: str, shape: torch.Size | tuple[int, ...]) -> bool:
+    """The decay rule, by canonical parameter name and (full) shape: matrices are decayed;
+    norms, biases and the learned positions are not."""
+    return len(shape) >= 2 and name not in NOT_DECAYED
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -45,6 +53,23 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[positions], self.sin[positions]  # (T, hd) each
+
+
+def embed_positions(x: torch.Tensor, pos_embed: torch.Tensor | None, start: int = 0) -> torch.Tensor:
+    """Token vectors (B, T, d) plus learned positions start .. start+T-1 (gpt2); unchanged for RoPE models."""
+    if pos_embed is None:
+        return x
+    return x + pos_embed[start:start + x.shape[1]]
+
+
+def vocab_logits(projection: nn.Module, x: torch.Tensor, vocab_size: int, tp: TPGroup) -> torch.Tensor:
+    """Hidden states -> this rank's slice of the logits (B, T, V_pad / tp), padding masked.
+    `projection` is the output head, or the token embedding when the two are tied."""
+    if isinstance(projection, VocabParallelEmbedding):
+        logits = projection(unembed=x)
+    else:
+        logits = projection(x)
+    return mask_vocab_padding(logits, vocab_size, tp)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -149,7 +174,16 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, tp)
         self.drop = nn.Dropout(cfg.dropout)
 
+        self.recompute = cfg.activation_checkpointing
+
     def forward(self, x, rope=None, cache=None, layer=0):
+        if self.recompute and self.training and cache is None:
+            # Activation recompute, for every run mode: keep only the block's input and run the
+            # block again during backward (torch's non-reentrant checkpoint replays the RNG).
+            return checkpoint(self._forward, x, rope, use_reentrant=False)
+        return self._forward(x, rope, cache, layer)
+
+    def _forward(self, x, rope, cache=None, layer=0):
         x = x + self.drop(self.attn(self.norm1(x), rope, cache, layer))
         return x + self.drop(self.mlp(self.norm2(x)))
 
@@ -158,7 +192,8 @@ class GPT(nn.Module):
     """Decoder-only transformer. `tp` is this rank's tensor-parallel group (single by default).
 
     forward(ids) -> this rank's vocabulary slice of the logits, (B, T, V_pad / tp);
-    forward(ids, labels) -> mean cross-entropy over tokens whose label != IGNORE_INDEX.
+    forward(ids, labels) -> mean cross-entropy over the labelled tokens (`lm_loss`; with
+    `num_valid_tokens`, the sum over them divided by that global count).
     Dropout note: ranks of one TP group must share the RNG seed so that dropout on the
     replicated residual stream agrees; the trainer seeds them so.
     """
@@ -183,37 +218,26 @@ class GPT(nn.Module):
             cfg.n_embd, cfg.vocab_size, self.padded_vocab, tp, init_std=cfg.init_std)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, num_valid_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.block_size={self.cfg.block_size}")
-        positions = torch.arange(start, start + T, device=input_ids.device)
 
-        x = self.embed(input_ids)  # (B, T, d)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed[positions]
-        x = self.drop(x)
-        rope = self.rope(positions) if self.rope is not None else None
+        x = self.drop(embed_positions(self.embed(input_ids), self.pos_embed, start))  # (B, T, d)
+        rope = self.rope(torch.arange(start, start + T, device=input_ids.device)) if self.rope is not None else None
         for layer, block in enumerate(self.blocks):
-            if self.cfg.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, rope, use_reentrant=False)
-            else:
-                x = block(x, rope, cache, layer)
+            x = block(x, rope, cache, layer)
         if cache is not None:
             cache.length += T
         logits = self.output_logits(self.norm_f(x))  # (B, T, V_pad / tp)
         if labels is None:
             return logits
-        per_token = vocab_parallel_cross_entropy(logits, labels, self.tp, ignore_index=IGNORE_INDEX)
-        return per_token.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        return lm_loss(logits, labels, self.tp, num_valid_tokens)
 
     def output_logits(self, x: torch.Tensor) -> torch.Tensor:
-        if self.head is not None:
-            logits = self.head(x)
-        else:  # tied: the embedding matrix is the output projection
-            logits = self.embed(unembed=x)
-        return mask_vocab_padding(logits, self.cfg.vocab_size, self.tp)
+        # Tied: the embedding matrix is the output projection.
+        return vocab_logits(self.head if self.head is not None else self.embed, x, self.cfg.vocab_size, self.tp)
 
     def full_logits(self, local_logits: torch.Tensor) -> torch.Tensor:
         """Gather this rank's vocabulary slice into logits over the real vocabulary."""

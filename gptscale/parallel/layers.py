@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from gptscale.parallel.primitives import all_reduce_no_grad, copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
 from gptscale.parallel.topology import TPGroup
 
+IGNORE_INDEX = -100  # label value that contributes no loss (prompt tokens in SFT, padding)
+
 
 class Split(str, enum.Enum):
     COLUMN = "column"
@@ -201,7 +203,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(local_logits: torch.Tensor, targets: torch.Tensor, tp: TPGroup,
-                                 ignore_index: int = -100) -> torch.Tensor:
+                                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Per-token cross-entropy (0 where targets == ignore_index), computed in fp32.
 
     local_logits: (..., V_pad / tp) this rank's slice; targets: (...) global token ids.

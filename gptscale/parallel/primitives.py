@@ -18,6 +18,13 @@ import torch.distributed as dist
 from gptscale.parallel.topology import TPGroup
 
 
+def comm_device() -> torch.device:
+    """Where small tensors for collectives must live: the current GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _all_reduce(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     x = x.contiguous().clone()  # never reduce in place into a tensor autograd may have saved
     dist.all_reduce(x, group=tp.group)

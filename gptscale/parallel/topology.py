@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gptscale.config import ConfigError, ParallelConfig
+from gptscale.config import ParallelConfig
+from gptscale.errors import ConfigError
 
 AXES = ("tp", "dp", "pp", "mp")  # mp = model parallel = the tp x pp ranks of one replica
 
@@ -89,6 +90,12 @@ class TPGroup:
     def single(cls) -> "TPGroup":
         return cls(group=None, rank=0, size=1)
 
+    @classmethod
+    def shape_only(cls, size: int) -> "TPGroup":
+        """TP rank 0 of `size`, without a process group: builds a shard's shapes (on the meta
+        device, or to read a checkpoint) where no communication happens."""
+        return cls(group=None, rank=0, size=size)
+
 
 class Topology:
     """Process groups for one rank of a RankLayout; also DeepSpeed's `mpu` interface."""
@@ -129,6 +136,17 @@ class Topology:
     def tp_group(self) -> TPGroup:
         return TPGroup(group=self._groups["tp"], rank=self.coords.tp, size=self.layout.tp)
 
+    def pipe_peer(self, stage: int) -> int | None:
+        """The rank holding pipeline stage `stage` for this rank's TP and DP coordinates (None
+        outside 0 .. pp-1): the neighbour a stage sends activations to or receives them from."""
+        if not 0 <= stage < self.layout.pp:
+            return None
+        return self.layout.rank(tp=self.coords.tp, dp=self.coords.dp, pp=stage)
+
+    def stage_mpu(self) -> "StageMpu":
+        """This topology as the `mpu` of one pipeline stage's own ZeRO-3 engine (see StageMpu)."""
+        return StageMpu(self)
+
     def describe(self) -> str:
         c, lay = self.coords, self.layout
         return (f"rank {self.rank}/{lay.world_size}: tp {c.tp}/{lay.tp}, dp {c.dp}/{lay.dp}, pp {c.pp}/{lay.pp}")
@@ -161,3 +179,24 @@ class Topology:
     def get_model_parallel_group(self): return self._groups["mp"]
     def get_model_parallel_rank(self): return self._ranks["mp"].index(self.rank)
     def get_model_parallel_world_size(self): return self.layout.tp * self.layout.pp
+
+
+class StageMpu:
+    """The topology as DeepSpeed's `mpu` for one stage's ZeRO-3 engine (parallel.mode=pipe_zero3):
+    data parallelism over the stage's DP group; the model-parallel group spans TP x PP, so the
+    gradient norm and the overflow check cover every stage, while the model-parallel rank and
+    size are the TP ones, so each stage counts its replicated parameters (norms, biases) once
+    and writes one checkpoint file per TP rank."""
+
+    def __init__(self, topo: Topology):
+        self.topo = topo
+
+    def __getattr__(self, name):
+        return getattr(self.topo, name)
+
+    def get_model_parallel_rank(self):
+        return self.topo.coords.tp
+
+    def get_model_parallel_world_size(self):
+        # DeepSpeed names and counts a stage's checkpoint files by these: one per TP rank.
+        return self.topo.layout.tp

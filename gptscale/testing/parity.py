@@ -11,8 +11,8 @@ import torch.distributed as dist
 from gptscale.config import ModelConfig
 from gptscale.convert.tp import merge_tp, split_tp
 from gptscale.model.generate import generate
-from gptscale.model.gpt import GPT, IGNORE_INDEX
-from gptscale.parallel.layers import split_table
+from gptscale.model.gpt import GPT
+from gptscale.parallel.layers import IGNORE_INDEX, split_table
 from gptscale.parallel.topology import TPGroup
 
 

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from gptscale.config import ParallelConfig
+from gptscale.config import ModelConfig, ParallelConfig
 from gptscale.parallel.topology import Topology
-from gptscale.presets import preset
 from gptscale.testing.distributed import run_ranks
 from gptscale.testing.parity import parity_ok, tp_parity
 
@@ -14,13 +13,13 @@ PRESETS = ("tiny", "tiny-llama")
 
 def _rank_body() -> dict:
     topo = Topology.from_env(ParallelConfig(tp=dist.get_world_size()))
-    return {name: tp_parity(preset(name), topo.tp_group, seq_len=32) for name in PRESETS}
+    return {name: tp_parity(ModelConfig.from_preset(name), topo.tp_group, seq_len=32) for name in PRESETS}
 
 
 def run_selftest(ranks: int, timeout: float = 300.0) -> bool:
     """Print one line per preset and rank; True when every rank of every preset passes."""
     for name in PRESETS:
-        preset(name).check_tensor_parallel(ranks)  # a clear error before any process starts
+        ModelConfig.from_preset(name).check_tensor_parallel(ranks)  # a clear error before any process starts
     print(f"selftest: TP={ranks} on {ranks} CPU rank(s) (gloo) vs the dense model, fp32, tolerance 1e-5")
     results = run_ranks(_rank_body, ranks, timeout=timeout)
     header = f"{'preset':<12}{'rank':>5}{'logits':>11}{'loss':>11}{'grads':>11}  {'greedy':<7}{'sampled':<8}verdict"

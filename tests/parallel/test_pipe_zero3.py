@@ -21,7 +21,7 @@ def test_pipe_zero3_equals_dense(tmp_path, init_weights_llama):
     runs = {layout: synthetic(tmp_path, layout, f"train.init_from={init_weights_llama}", *LAYOUTS[layout],
                               model=SMALL_LLAMA) for layout in sorted(LAYOUTS)}
     results = run_ranks(train_layouts, 4, list(runs.values()), timeout=400, env=ENV)
-    from gptscale.engine.consolidate import consolidate
+    from gptscale.checkpoint.consolidate import consolidate
 
     for index, (layout, overrides) in enumerate(runs.items()):
         losses = [rank_results[index]["losses"] for rank_results in results]
@@ -48,15 +48,15 @@ def _check_in_groups(mismatch):
     """Ranks {0, 1} and {2, 3} run the check in their own group; the other group never joins."""
     import torch.distributed as dist
 
-    from gptscale.engine import zero3_internals
+    from gptscale.runtime.pipe_zero3 import ds_internals
 
     groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     rank = dist.get_rank()
-    zero3_internals._group = groups[rank // 2]
+    ds_internals._group = groups[rank // 2]
     if rank < 2:
         ints = [7, 8, 9] if not (mismatch and rank == 1) else [7, 9, 8]
         try:
-            zero3_internals.assert_ints_same_in_group(ints)
+            ds_internals.assert_ints_same_in_group(ints)
         except RuntimeError as err:
             return str(err)
     return "ok"

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptscale.config import ParallelConfig
-from gptscale.model.gpt import IGNORE_INDEX
+from gptscale.parallel.layers import IGNORE_INDEX
 from gptscale.parallel.layers import ColumnParallelLinear, RowParallelLinear, vocab_parallel_cross_entropy
 from gptscale.parallel.topology import RankLayout, Topology
 from gptscale.testing.distributed import run_ranks

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from gptscale.engine.checkpoint import COMPLETE, find_resume
+from gptscale.checkpoint.layout import COMPLETE
+from gptscale.checkpoint.resume import find_resume
 from gptscale.testing.distributed import RankFailure, run_ranks
 from tests.parallel.training import ENV, check_exact_resume, plain_adamw_losses, real, synthetic, train_layouts
 from tests.parallel.training import train_ranks as _train
@@ -29,7 +30,7 @@ def test_zero3_equals_plain_adamw_and_tp2_equals_tp1_and_recomputation_changes_n
         assert abs(tp2[0]["losses"][step] - dp2[0]["losses"][step]) < 1e-4, (step, tp2[0]["losses"])
     assert reference[5] < reference[1]  # it learns: the comparison is not between constants
     # The checkpoints of both layouts consolidate to the same weights.
-    from gptscale.engine.consolidate import consolidate
+    from gptscale.checkpoint.consolidate import consolidate
 
     _, dp_weights = consolidate(tmp_path / "dp2" / "checkpoints" / "step00000005")
     _, tp_weights = consolidate(tmp_path / "tp2" / "checkpoints" / "step00000005")

@@ -1,6 +1,6 @@
 """Per-rank parameter + gradient + optimizer memory under ZeRO-3 scales as 1/DP.
 
-Measured from the tensors DeepSpeed's stage-3 optimizer keeps (engine/memory.py), on a
+Measured from the tensors DeepSpeed's stage-3 optimizer keeps (runtime/memory.py), on a
 4.2M-parameter model. The ZeRO paper's 16 bytes/parameter (2 bf16 weights + 2 bf16
 gradients + 12 fp32 master/momentum/variance) is the reference; DeepSpeed's actual
 footprint differs in known ways, asserted exactly below."""
@@ -16,12 +16,13 @@ MODEL = ["model.preset=tiny", "model.vocab_size=4096", "model.n_layer=4", "model
 
 
 def _resident(overrides):
-    from gptscale.engine.memory import resident_bytes
-    from gptscale.engine.trainer import Trainer
+    from gptscale.runtime.memory import resident_bytes
+    from gptscale.train.loop import Trainer
 
     trainer = Trainer(config.load(None, overrides), resume="none")
     trainer.run()
-    return resident_bytes(trainer.engine), sum(p.ds_numel for p in trainer.engine.module.parameters())
+    engine = trainer.runtime.engine
+    return resident_bytes(engine), sum(p.ds_numel for p in engine.module.parameters())
 
 
 def test_memory_scales_as_one_over_dp(tmp_path):

@@ -20,7 +20,7 @@ def train_ranks(overrides, resume="auto", sigterm_after=None):
     """Rank body: train with `overrides`; optionally SIGTERM rank 1 after a delay."""
     import torch.distributed as dist
 
-    from gptscale.engine.trainer import train
+    from gptscale.train.loop import train
 
     if sigterm_after is not None and dist.get_rank() == 1:
         threading.Timer(sigterm_after, os.kill, (os.getpid(), signal.SIGTERM)).start()
@@ -86,7 +86,7 @@ def check_exact_resume(tmp_path, shards, world, *extra, timeout=300, sigterm=Tru
 
 def save_init_weights(path, model_overrides, seed=42):
     """Canonical starting weights, so differently split runs start from the same model."""
-    from gptscale.engine.weights import canonical_state_dict, save_canonical
+    from gptscale.checkpoint.weights import canonical_state_dict, save_canonical
     from gptscale.model.gpt import GPT
 
     cfg = config.load(None, model_overrides)
@@ -105,19 +105,19 @@ def dense_reference(overrides, init_path, steps, rows_per_micro_step=4):
     Returns ({step: loss}, the final canonical weights)."""
     from safetensors.torch import load_file
 
+    from gptscale.checkpoint.weights import canonical_state_dict
     from gptscale.convert.tp import split_tp
-    from gptscale.engine.data import SyntheticBatches
-    from gptscale.engine.schedule import lr_at
-    from gptscale.engine.trainer import _param_groups
-    from gptscale.engine.weights import canonical_state_dict
     from gptscale.model.gpt import GPT
     from gptscale.parallel.layers import split_table
+    from gptscale.runtime.optim import lr_at, param_groups
+    from gptscale.train.batches import SyntheticBatches
 
     cfg = config.load(None, overrides)
     t = cfg.train
     model = GPT(cfg.model)
     model.load_state_dict(split_tp(load_file(str(init_path)), split_table(model), 1, model.padded_vocab)[0])
-    opt = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    groups = param_groups(model, dict(model.named_parameters()), t.weight_decay, trains=lambda name: True)
+    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
     data = SyntheticBatches(cfg.model.vocab_size, cfg.data.seq_len, rows_per_micro_step, t.grad_accum, 0, 1,
                             cfg.data.seed)
     losses = {}
@@ -141,9 +141,9 @@ def dense_reference(overrides, init_path, steps, rows_per_micro_step=4):
 def loss_with_weights(overrides, canonical) -> float:
     """The dense model's loss on a fixed held-out synthetic batch with `canonical` weights."""
     from gptscale.convert.tp import split_tp
-    from gptscale.engine.data import SyntheticBatches
     from gptscale.model.gpt import GPT
     from gptscale.parallel.layers import split_table
+    from gptscale.train.batches import SyntheticBatches
 
     cfg = config.load(None, overrides)
     model = GPT(cfg.model)

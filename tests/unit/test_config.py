@@ -2,8 +2,9 @@
 import pytest
 
 from gptscale import config
-from gptscale.config import ConfigError, ModelConfig, ParallelConfig, RunConfig
-from gptscale.presets import preset, preset_names
+from gptscale.config import ModelConfig, ParallelConfig, RunConfig
+from gptscale.errors import ConfigError
+from gptscale.presets import preset_names
 
 
 def test_family_defaults_are_resolved():
@@ -53,7 +54,7 @@ def test_bad_input_gets_one_clear_error(overrides, message):
 
 def test_kv_heads_must_split_across_tp():
     with pytest.raises(ConfigError, match=r"model.n_kv_head=4 is not divisible by parallel.tp=8"):
-        RunConfig(model=preset("tiny-llama", n_head=16), parallel=ParallelConfig(tp=8))
+        RunConfig(model=ModelConfig.from_preset("tiny-llama", n_head=16), parallel=ParallelConfig(tp=8))
 
 
 def test_world_size_mismatch_and_derived_dp():
@@ -79,7 +80,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_every_preset_is_valid():
     for name in preset_names():
-        assert preset(name).n_layer >= 1
+        assert ModelConfig.from_preset(name).n_layer >= 1
 
 
 def test_mode_follows_pipeline_degree_unless_set():

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
+from gptscale.config import ModelConfig
 from gptscale.model.counting import count_parameters, flops_per_token
 from gptscale.model.gpt import GPT
-from gptscale.presets import preset, preset_names
+from gptscale.presets import preset_names
 
 # Numbers published by the models' authors (total parameters, tied where the model ties).
 PUBLISHED = {
@@ -20,7 +21,7 @@ PUBLISHED = {
 @pytest.mark.parametrize("name", preset_names())
 def test_count_equals_instantiated_model(name):
     # The meta device instantiates even the 1T shape without allocating its weights.
-    cfg = preset(name, vocab_pad_multiple=1)
+    cfg = ModelConfig.from_preset(name, vocab_pad_multiple=1)
     with torch.device("meta"):
         model = GPT(cfg)
     assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg).total
@@ -28,7 +29,7 @@ def test_count_equals_instantiated_model(name):
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
 def test_count_with_padded_vocab_and_real_weights(name):
-    cfg = preset(name, vocab_size=4000)
+    cfg = ModelConfig.from_preset(name, vocab_size=4000)
     model = GPT(cfg)  # instantiated for real: small enough
     padded = cfg.padded_vocab_size()
     assert padded == 4032
@@ -37,11 +38,11 @@ def test_count_with_padded_vocab_and_real_weights(name):
 
 def test_published_counts():
     for name, expected in PUBLISHED.items():
-        assert count_parameters(preset(name)).total == expected, name
+        assert count_parameters(ModelConfig.from_preset(name)).total == expected, name
 
 
 def test_flops_per_token_matches_6n_plus_attention():
-    cfg = preset("gpt2-124m")
+    cfg = ModelConfig.from_preset("gpt2-124m")
     counts = count_parameters(cfg)
     # Tied model: positions cost nothing, the embedding matrix counts once (as the head).
     assert counts.matmul == counts.total - counts.positional

@@ -1,7 +1,8 @@
 """Rank and address discovery from each launcher's environment (no processes started)."""
 import pytest
 
-from gptscale.engine.launch_env import LaunchError, _tasks_on_this_node, discover
+from gptscale.errors import LaunchError
+from gptscale.launch import _tasks_on_this_node, discover
 
 
 def no_mpi():

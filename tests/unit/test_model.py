@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptscale.config import ConfigError
+from gptscale.config import ModelConfig
+from gptscale.errors import ConfigError
 from gptscale.model.generate import generate, pick_next_token
-from gptscale.model.gpt import GPT, IGNORE_INDEX
-from gptscale.parallel.layers import Split, split_table
-from gptscale.presets import preset
+from gptscale.model.gpt import GPT
+from gptscale.parallel.layers import IGNORE_INDEX, Split, split_table
 
 SMALL = {
     "gpt2": dict(family="gpt2", vocab_size=300, block_size=32, n_layer=2, n_head=4, n_embd=32),
@@ -19,7 +19,7 @@ SMALL = {
 
 
 def small(family, **overrides):
-    return preset("tiny", **{**SMALL[family], **overrides})
+    return ModelConfig.from_preset("tiny", **{**SMALL[family], **overrides})
 
 
 def model_and_batch(family, seed=0, **overrides):
@@ -197,4 +197,4 @@ def test_too_long_inputs_are_refused():
 def test_tp_degree_is_checked_by_the_model():
     from gptscale.parallel.topology import TPGroup
     with pytest.raises(ConfigError, match="model.n_head=4 is not divisible by parallel.tp=3"):
-        GPT(small("gpt2"), TPGroup(group=None, rank=0, size=3))
+        GPT(small("gpt2"), TPGroup.shape_only(3))

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from gptscale.data.errors import DataError
+from gptscale.errors import DataError
 from gptscale.data.prepare import prepare
 from gptscale.data.shards import matching_tokenizer, read_manifest, split_urls
 from gptscale.data.sources import ReadOptions, embedded_documents, read_documents

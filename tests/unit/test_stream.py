@@ -11,7 +11,7 @@ import pytest
 import torch
 import webdataset
 
-from gptscale.data.errors import DataError
+from gptscale.errors import DataError
 from gptscale.data.shards import npy_bytes
 from gptscale.data.stream import Corpus, StreamingLoader, StreamSpec, read_shard
 from tests.unit.data_helpers import EOS, PAD, split_documents, streams_by_reader, write_shards

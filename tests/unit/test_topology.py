@@ -3,7 +3,8 @@ import itertools
 
 import pytest
 
-from gptscale.config import ConfigError, ParallelConfig
+from gptscale.config import ParallelConfig
+from gptscale.errors import ConfigError
 from gptscale.parallel.topology import AXES, RankLayout, Topology
 
 

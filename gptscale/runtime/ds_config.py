@@ -1,5 +1,9 @@
 """Assemble the DeepSpeed config from a template (DeepSpeed-only sections) and the run config
-(every number that the run config owns). Nothing has to agree by hand."""
+(every number that the run config owns). Nothing has to agree by hand.
+
+The run mode's runtime says which template it uses by default and which ZeRO stages its
+engine supports (`Runtime.default_template`, `Runtime.zero_stages`).
+"""
 from __future__ import annotations
 
 import copy
@@ -7,7 +11,9 @@ import json
 import os
 from pathlib import Path
 
-from gptscale.config import ConfigError, RunConfig
+from gptscale.config import RunConfig
+from gptscale.errors import ConfigError
+from gptscale.runtime.base import runtime_class
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 OWNED_BY_RUN_CONFIG = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -42,38 +48,25 @@ def _substitute(node, values: dict[str, str]):
     return node
 
 
-DEFAULT_TEMPLATE = {"zero3": "zero3", "pipe": "pipe_zero1", "pipe_zero3": "zero3"}
-MAX_ZERO_STAGE = {"pipe": 1}  # DeepSpeed's PipelineEngine asserts ZeRO stage < 2
-MIN_ZERO_STAGE = {"zero3": 3, "pipe_zero3": 3}
-
-
-def template_name(cfg: RunConfig) -> str:
-    return cfg.train.ds_config or DEFAULT_TEMPLATE[cfg.parallel.resolved_mode]
-
-
 def _check_zero_stage(template: dict, name: str, cfg: RunConfig) -> None:
     mode = cfg.parallel.resolved_mode
+    runtime = runtime_class(mode)
     stage = template.get("zero_optimization", {}).get("stage", 0)
     launcher_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")  # set by `accelerate launch`
     if launcher_stage not in (None, "", str(stage)):
         raise ConfigError(f"the accelerate config asks for ZeRO stage {launcher_stage} but train.ds_config {name!r} "
                           f"uses stage {stage}; gptscale takes DeepSpeed settings from the run config only, so make "
                           f"the accelerate config's zero_stage {stage} (or choose another train.ds_config)")
-    if stage < MIN_ZERO_STAGE.get(mode, 0):
-        raise ConfigError(f"train.ds_config {name!r} uses ZeRO stage {stage}, but parallel.mode={mode} partitions "
-                          f"parameters with ZeRO stage 3; use a stage 3 template (train.ds_config=zero3)")
-    if stage > MAX_ZERO_STAGE.get(mode, 3):
-        raise ConfigError(
-            f"train.ds_config {name!r} uses ZeRO stage {stage}, but parallel.mode={mode} (parallel.pp="
-            f"{cfg.parallel.pp}) runs DeepSpeed's PipelineEngine, which supports only ZeRO stage 0 or 1 (it shards "
-            f"no gradients or parameters across pipeline micro-batches); use train.ds_config=pipe_zero1, or "
-            f"parallel.pp=1 for ZeRO-3")
+    if stage not in runtime.zero_stages:
+        raise ConfigError(f"train.ds_config {name!r} uses ZeRO stage {stage}, but parallel.mode={mode}"
+                          + runtime.zero_stages_refusal.format(pp=cfg.parallel.pp))
 
 
 def load_template(cfg: RunConfig) -> dict:
-    """The run's DeepSpeed template, checked against the run config (cheap: call it before
-    starting distributed work, so a bad choice fails at once on every rank)."""
-    name = template_name(cfg)
+    """The run's DeepSpeed template (train.ds_config, or the mode's default), checked against
+    the run config. Cheap: call it before starting distributed work, so that a bad choice
+    fails at once on every rank."""
+    name = cfg.train.ds_config or runtime_class(cfg.parallel.resolved_mode).default_template
     template = _load_json(template_path(name), "train.ds_config")
     clashes = [k for k in OWNED_BY_RUN_CONFIG if k in template]
     if clashes:
@@ -83,10 +76,12 @@ def load_template(cfg: RunConfig) -> dict:
     return template
 
 
-def assemble(cfg: RunConfig, dp_size: int, on_gpu: bool) -> dict:
-    """The complete DeepSpeed config for this run on `dp_size` data-parallel replicas."""
+def assemble(cfg: RunConfig, dp_size: int, on_gpu: bool, template: dict | None = None) -> dict:
+    """The complete DeepSpeed config for this run on `dp_size` data-parallel replicas, from its
+    template (`load_template(cfg)` unless already loaded)."""
     t = cfg.train
-    ds = _substitute(copy.deepcopy(load_template(cfg)), {"nvme_path": t.nvme_path})
+    template = load_template(cfg) if template is None else template
+    ds = _substitute(copy.deepcopy(template), {"nvme_path": t.nvme_path})
     offloads_optimizer = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     ds.update({
         "train_micro_batch_size_per_gpu": t.micro_batch,

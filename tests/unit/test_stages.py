@@ -1,14 +1,15 @@
 """The GPT as pipeline stage layers (no DeepSpeed): the same function and parameter names as
-the dense model, and the pipeline mode's config rules."""
+the dense model, the one partitioner, and the pipeline modes' config rules."""
 import pytest
 import torch
 
 from gptscale import config
-from gptscale.config import ConfigError
-from gptscale.engine.ds_config import assemble
-from gptscale.engine.pipeline import bubble_warning, theoretical_idle_fraction
+from gptscale.errors import ConfigError
+from gptscale.runtime.ds_config import assemble
+from gptscale.scaling.bubble import bubble_warning, theoretical_idle_fraction
 from gptscale.model.gpt import GPT
-from gptscale.model.pipe import PipelineLoss, layers_with_parameters, stage_layers
+from gptscale.model.loss import lm_loss
+from gptscale.model.stages import layers_with_parameters, stage_layers
 from gptscale.parallel.topology import TPGroup
 
 FAMILIES = {
@@ -51,7 +52,7 @@ def test_stage_layers_compute_the_dense_model(family):
         names |= {layer.prefix + n for n, _ in module.named_parameters()}
     assert names == {n for n, _ in dense.named_parameters()}  # canonical names, every parameter once
     assert torch.equal(x, dense(ids))
-    assert torch.equal(PipelineLoss(TPGroup.single())(x, labels), dense(ids, labels=labels))
+    assert torch.equal(lm_loss(x, labels, TPGroup.single()), dense(ids, labels=labels))
 
 
 def test_a_tied_layer_is_stored_once():
@@ -94,3 +95,63 @@ def test_an_accelerate_config_with_another_zero_stage_is_refused(monkeypatch):
         assemble(config.load(None, []), 1, on_gpu=False)
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     assert assemble(config.load(None, []), 1, on_gpu=False)["zero_optimization"]["stage"] == 3
+
+
+def test_the_partitioner_cuts_where_deepspeed_did():
+    """One partitioner for both pipeline modes; it keeps DeepSpeed 0.19's balanced-partition rule,
+    so stage boundaries (and which layers each stage builds from its seed) did not move."""
+    import random
+
+    from deepspeed.runtime.utils import partition_balanced as deepspeed_partition
+
+    from gptscale.model.stages import partition_balanced
+
+    rng = random.Random(0)
+    for _ in range(300):
+        weights = [rng.choice([0, 1, rng.randint(0, 10 ** rng.randint(1, 9))]) for _ in range(rng.randint(1, 24))]
+        parts = rng.randint(1, 8)
+        assert partition_balanced(weights, parts) == deepspeed_partition(weights, parts), (weights, parts)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_stage_bounds_by_parameters_and_by_blocks(family):
+    from gptscale.model.stages import stage_bounds
+
+    cfg = config.load(None, [*FAMILIES[family], "model.n_layer=6"]).model
+    layers = stage_layers(cfg, TPGroup.single())
+    blocks = stage_bounds(cfg, 3, "blocks")
+    assert blocks[0] == 0 and blocks[-1] == len(layers)
+    per_stage = [sum(layer.is_block for layer in layers[a:b]) for a, b in zip(blocks, blocks[1:])]
+    assert per_stage == [2, 2, 2]
+    by_params = stage_bounds(cfg, 2, "parameters")
+    with torch.device("meta"):
+        counts = [sum(p.numel() for p in layer.make().parameters()) for layer in layers]
+    halves = [sum(counts[a:b]) for a, b in zip(by_params, by_params[1:])]
+    # Balanced: moving the cut by one layer either way would not make the stages more equal.
+    cut = by_params[1]
+    for moved in (cut - 1, cut + 1):
+        other = [sum(counts[:moved]), sum(counts[moved:])]
+        assert max(halves) - min(halves) <= max(other) - min(other)
+
+
+def test_a_micro_batch_loss_weighted_by_the_global_token_count():
+    """SFT masks leave micro-batches with different numbers of labelled tokens: per-micro-batch
+    means would weight their tokens unequally; sum / global count weights every token alike."""
+    from gptscale.parallel.layers import IGNORE_INDEX
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 8, 300)
+    labels = torch.randint(0, 300, (4, 8))
+    labels[0, :7] = IGNORE_INDEX  # micro-batch 0 keeps 1 + 8 labelled tokens, micro-batch 1 all 16
+    tp = TPGroup.single()
+    whole = lm_loss(logits, labels, tp)  # the mean over every labelled token of the step
+    count = (labels != IGNORE_INDEX).sum()
+    micro = [(logits[:2], labels[:2]), (logits[2:], labels[2:])]
+    weighted = sum(lm_loss(x, y, tp, num_valid_tokens=count) for x, y in micro)
+    assert abs(weighted - whole) < 1e-5  # fp32 cross-entropy
+    averaged = sum(lm_loss(x, y, tp) for x, y in micro) / 2  # what per-micro-batch means give
+    assert abs(averaged - whole) > 1e-3
+    # Default: this micro-batch's own mean, exactly the expression pretraining always used.
+    per_token = torch.nn.functional.cross_entropy(logits[:2].flatten(0, 1), labels[:2].flatten(), reduction="none",
+                                                  ignore_index=IGNORE_INDEX)
+    assert torch.equal(lm_loss(*micro[0], tp), per_token.sum() / (labels[:2] != IGNORE_INDEX).sum())

@@ -1,13 +1,14 @@
-"""Batches for the trainer: the streaming shard loader, or synthetic sequences."""
+"""Pretraining batches: the streaming shard loader over a prepared folder, or synthetic sequences."""
 from __future__ import annotations
 
 from typing import Iterator
 
 import torch
 
-from gptscale.config import ConfigError, RunConfig
+from gptscale.config import RunConfig
 from gptscale.data.shards import matching_tokenizer, read_manifest
 from gptscale.data.stream import StreamingLoader, StreamSpec, corpus_from
+from gptscale.errors import ConfigError
 
 
 class SyntheticBatches:

@@ -18,11 +18,9 @@ import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 
+from gptscale.errors import LaunchError
+
 DEFAULT_PORT = 29500
-
-
-class LaunchError(RuntimeError):
-    """The launcher's environment does not say how to reach rank 0; the message says what to set."""
 
 
 @dataclass(frozen=True)
@@ -163,16 +161,6 @@ def discover(environ=None, mpi_broadcast=_mpi_broadcast_address) -> LaunchEnv:
         raise LaunchError(f"{launcher} started rank {rank} of {world} across nodes but MASTER_ADDR is not set; "
                           f"export MASTER_ADDR=<rank 0's host> (and MASTER_PORT) on every node")
     return LaunchEnv(launcher, rank, world, local_rank, local_world, addr, port or DEFAULT_PORT, source)
-
-
-def comm_device():
-    """Where small tensors for collectives must live: the current GPU under NCCL, else the CPU."""
-    import torch
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def free_port() -> int:

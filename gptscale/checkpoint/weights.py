@@ -1,4 +1,6 @@
-"""Canonical (TP-merged, unpadded) weights in and out of a model that ZeRO-3 may partition."""
+"""Canonical (TP-merged, unpadded) weights in and out of live parameters, which ZeRO-3 may
+partition: the dense model's weights as a safetensors file, and such a file copied into any
+mode's parameters (a whole model's or one pipeline stage's, this rank's TP shard)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,9 +8,11 @@ from pathlib import Path
 import torch
 
 from gptscale.atomic import atomic_write
-from gptscale.config import ConfigError
 from gptscale.convert.tp import merge_tp, split_tp
+from gptscale.errors import ConfigError
+from gptscale.model.gpt import GPT
 from gptscale.parallel.layers import split_table
+from gptscale.parallel.topology import TPGroup
 
 
 def canonical_state_dict(dense_model) -> dict[str, torch.Tensor]:
@@ -23,25 +27,17 @@ def save_canonical(weights: dict[str, torch.Tensor], path: str | Path) -> None:
         f.write(save({k: v.contiguous() for k, v in weights.items()}))
 
 
-def load_canonical_into(model, path: str | Path, deepspeed) -> None:
-    """Copy canonical weights into a GPT `model` (this rank's TP shard), gathering ZeRO-3 partitions."""
-    load_canonical_params(dict(model.named_parameters()), model.cfg, model.tp, path, deepspeed)
-
-
 def load_canonical_params(params: dict, model_cfg, tp, path: str | Path, deepspeed) -> None:
     """Copy canonical weights into `params` (canonical name -> this rank's parameter: a whole
     model's or one pipeline stage's), split for TP rank `tp.rank` of `tp.size`. ZeRO-3
     partitions are gathered for the copy (for other parameters the gather is a no-op)."""
     from safetensors.torch import load_file
 
-    from gptscale.model.gpt import GPT
-    from gptscale.parallel.topology import TPGroup
-
     if not Path(path).is_file():
         raise ConfigError(f"train.init_from={str(path)!r} does not exist")
     canonical = load_file(str(path))
     with torch.device("meta"):
-        dense = GPT(model_cfg, TPGroup(group=None, rank=0, size=tp.size))
+        dense = GPT(model_cfg, TPGroup.shape_only(tp.size))
     table = split_table(dense)
     missing = sorted(set(params) - set(canonical))
     unexpected = sorted(set(canonical) - set(table))

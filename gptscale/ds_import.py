@@ -1,5 +1,6 @@
-"""Import DeepSpeed with the right accelerator: on a machine without CUDA, DeepSpeed must be
-told to use its CPU accelerator before it is first imported."""
+"""The one door to DeepSpeed: import it with the right accelerator. On a machine without
+CUDA, DeepSpeed must be told to use its CPU accelerator before it is first imported, so
+gptscale's modules call `import_deepspeed()` instead of `import deepspeed`."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""The two places where one ZeRO-3 engine per pipeline stage meets DeepSpeed's assumptions.
+"""The three places where one ZeRO-3 engine per pipeline stage meets DeepSpeed's assumptions.
 
 1. Keep ZeRO-3's consistency checks, but run them over the engine's own data-parallel group.
 
@@ -11,13 +11,17 @@ broadcast while stage 0's wait for an activation). `scope_checks_to(group)` repl
 function in the modules that call it by the same check over `group`, from the group's
 first rank. One engine per process, so one group per process.
 
+2. Advance ZeRO-3's micro-step after each backward (`end_backward`). ZeRO-3 advances it at
+the next forward, but 1F1B runs a stage's backwards back to back in the cool-down, so the
+schedule calls the optimizer's `clear_backward_seen_flag` itself after every backward.
+
 3. Keep a stage's parameters gathered for a whole step (`keep_gathered`). Gathering them with
 `GatheredParameters` alone does not stop ZeRO-3 from releasing each layer after its forward
 and gathering it again for its backward (measured: the same all-gather volume). A parameter
 is never released while `ds_active_sub_modules` is non-empty, so the step holds a marker in
 it; on leaving, the marker goes first and `GatheredParameters` partitions as usual.
 
-DeepSpeed internals: checked for the versions in SUPPORTED; `tests/unit/test_zero3_internals.py`
+DeepSpeed internals: checked for the versions in SUPPORTED; `tests/unit/test_deepspeed_internals.py`
 fails if the names or the world-group broadcast this relies on move.
 """
 from __future__ import annotations
@@ -26,6 +30,8 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+
+from gptscale.parallel.primitives import comm_device
 
 SUPPORTED = ("0.19.",)
 CALLERS = ("deepspeed.runtime.zero.partitioned_param_coordinator", "deepspeed.runtime.zero.partition_parameters",
@@ -39,8 +45,6 @@ def assert_ints_same_in_group(ints: list[int]) -> None:
     """DeepSpeed's check, over this process's stage group: every rank's list equals its first rank's."""
     group = _group
     src = dist.get_global_rank(group, 0)
-    from gptscale.engine.launch_env import comm_device
-
     length = torch.tensor([len(ints)], dtype=torch.long, device=comm_device())
     dist.broadcast(length, src=src, group=group)
     if length.item() != len(ints):
@@ -63,17 +67,17 @@ def scope_checks_to(group) -> None:
     if not deepspeed.__version__.startswith(SUPPORTED):
         raise RuntimeError(f"parallel.mode=pipe_zero3 relies on DeepSpeed internals checked for versions "
                            f"{', '.join(v + 'x' for v in SUPPORTED)}; this is DeepSpeed {deepspeed.__version__}. "
-                           f"Pin deepspeed to a checked version or re-check gptscale/engine/zero3_internals.py")
+                           f"Pin deepspeed to a checked version or re-check gptscale/runtime/pipe_zero3/ds_internals.py")
     _group = group
     for name in CALLERS:
         module = importlib.import_module(name)
         if not hasattr(module, NAME):
-            raise RuntimeError(f"{name} no longer has {NAME}; re-check gptscale/engine/zero3_internals.py")
+            raise RuntimeError(f"{name} no longer has {NAME}; re-check gptscale/runtime/pipe_zero3/ds_internals.py")
         setattr(module, NAME, assert_ints_same_in_group)
 
 
 def end_backward(engine) -> None:
-    """Advance ZeRO-3's micro-step after a backward (see 2. above); a no-op if no backward ran."""
+    """Advance ZeRO-3's micro-step after a backward (2. above); a no-op if no backward ran."""
     engine.optimizer.clear_backward_seen_flag()
 
 
@@ -82,7 +86,7 @@ _HELD_FOR_STEP = -1  # a submodule id no real module has
 
 @contextlib.contextmanager
 def keep_gathered(params, deepspeed):
-    """Gather `params` once and keep them gathered until the block ends (see 3. above)."""
+    """Gather `params` once and keep them gathered until the block ends (3. above)."""
     with deepspeed.zero.GatheredParameters(params):
         for param in params:
             param.ds_active_sub_modules.add(_HELD_FOR_STEP)

@@ -1,0 +1,3 @@
+"""Checkpoint I/O, independent of the training runtime: the on-disk layout of every run mode
+(layout), the save/resume protocol (resume), any checkpoint -> canonical weights (consolidate),
+canonical weights in and out of live parameters (weights)."""

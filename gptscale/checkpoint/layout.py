@@ -1,0 +1,115 @@
+"""The on-disk layout of a gptscale checkpoint, for every run mode.
+
+    RUN/checkpoints/
+      latest                      the newest complete tag, for tools that expect it
+      step00000300/               one checkpoint (its "tag")
+        COMPLETE.json             written last, by rank 0: step, rank layout, model shape
+        config.yaml               the resolved run config
+        gptscale_rank00000.pt     per rank: RNG states and data-loader position
+        ...                       DeepSpeed's own files, organised by the mode's CheckpointFiles:
+
+    ONE_ZERO_ENGINE        mp_rank_TT_model_states.pt, zero_pp_rank_D_mp_rank_TT_optim_states.pt, ...
+                           (one DeepSpeedEngine; TT = TP rank, D = DP rank)
+    PIPELINE_LAYERS        layer_LL-model_TT-model_states.pt per stage layer LL with parameters and
+                           TP rank TT (whole fp32 weights), plus the engine's mp_rank / optimizer files
+    ZERO_ENGINE_PER_STAGE  stageSS/ per pipeline stage SS, each holding one ZeRO engine's files as in
+                           ONE_ZERO_ENGINE, its parameters named `layers.<i>.<name>` (model.stages)
+
+A mode declares its kind in `gptscale.modes`; this module says where the files of each kind
+are, and nothing here imports the training runtime.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gptscale.errors import CheckpointError
+from gptscale.modes import CheckpointFiles
+
+COMPLETE = "COMPLETE.json"
+LATEST = "latest"
+CONFIG = "config.yaml"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The rank layout a checkpoint was written with."""
+
+    mode: str
+    tp: int
+    pp: int
+    dp: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any, where: Path) -> "Layout":
+        fields = {"mode": str, "tp": int, "pp": int, "dp": int}
+        if not isinstance(data, dict) or set(data) != set(fields) or any(
+                type(data[k]) is not kind for k, kind in fields.items()):
+            raise CheckpointError(f"{where}: 'layout' must hold exactly {', '.join(fields)} (a string and three "
+                                  f"integers), found {data!r}; the file is damaged or not gptscale's")
+        if min(data["tp"], data["pp"], data["dp"]) < 1:
+            raise CheckpointError(f"{where}: layout {data} has a degree below 1")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What COMPLETE.json records: the step, the layout and the model shape (ModelConfig fields)."""
+
+    step: int
+    layout: Layout
+    model: dict[str, Any]
+
+    def to_json(self) -> str:
+        return json.dumps({"step": self.step, "layout": self.layout.to_json(), "model": self.model}, indent=2)
+
+    @classmethod
+    def read(cls, ckpt: Path) -> "CheckpointMeta":
+        path = ckpt / COMPLETE
+        if not path.is_file():
+            raise CheckpointError(f"{ckpt} is not a complete gptscale checkpoint (no {COMPLETE}); pass a "
+                                  f"RUN/checkpoints/stepNNNNNNNN folder")
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged") from None
+        if not isinstance(data, dict) or type(data.get("step")) is not int or not isinstance(data.get("model"), dict):
+            raise CheckpointError(f"{path} lacks an integer 'step' or a 'model' mapping; the checkpoint is damaged")
+        return cls(step=data["step"], layout=Layout.from_json(data.get("layout"), path), model=data["model"])
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def rank_state_file(ckpt: Path, rank: int) -> Path:
+    """gptscale's own per-rank state (RNG, data position)."""
+    return ckpt / f"gptscale_rank{rank:05d}.pt"
+
+
+def stage_dir(ckpt: Path, stage: int) -> Path:
+    return ckpt / f"stage{stage:02d}"
+
+
+def engine_location(kind: CheckpointFiles, ckpt: Path, stage: int) -> tuple[Path, str]:
+    """(folder, tag) to hand DeepSpeed's save_checkpoint / load_checkpoint for the engine of
+    pipeline stage `stage` (0 unless the kind has an engine per stage): DeepSpeed writes to folder/tag."""
+    if kind is CheckpointFiles.ZERO_ENGINE_PER_STAGE:
+        return ckpt, stage_dir(ckpt, stage).name
+    return ckpt.parent, ckpt.name
+
+
+def zero_engine_files(folder: Path, tp_rank: int) -> list[Path]:
+    """One ZeRO engine's files for TP rank `tp_rank` (model states and every DP rank's partitions)."""
+    return sorted(folder.glob(f"*mp_rank_{tp_rank:02d}_*"))
+
+
+def pipeline_layer_file(ckpt: Path, layer_index: int, tp_rank: int) -> Path:
+    """DeepSpeed's PipelineEngine name for one stage layer's weights of one TP rank."""
+    return ckpt / f"layer_{layer_index:02d}-model_{tp_rank:02d}-model_states.pt"

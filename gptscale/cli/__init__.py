@@ -1,0 +1,53 @@
+"""`gptscale <command>`: parse the command line, load the config, call one function.
+
+Each command's parser and body live in the submodule of its kind (info, data, train); this
+module assembles them and turns every `UserError` into one line and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gptscale import modes
+from gptscale.cli import data, info, train
+from gptscale.errors import UserError
+
+DESCRIPTION = f"""\
+gptscale trains GPT models with DeepSpeed: tensor parallel (TP) x pipeline (PP) x
+data parallel (DP) with ZeRO-3, on one CPU box or many GPU nodes.
+
+commands:
+  presets    list the built-in model shapes with exact parameter counts and FLOPs/token
+  info       resolve a run config and show its parameters, per-TP-rank size, run mode and rank layout
+  selftest   check TP=N against the dense model on N local CPU ranks (gloo)
+  data       train a tokenizer, prepare webdataset token shards, inspect them
+  train      pretrain in any run mode ({", ".join(modes.names()[1:])}; run it under a launcher)
+  generate   sample text from a training checkpoint of any run mode and layout
+  plot       draw a run's loss curves to RUN/loss.png
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptscale", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The deepspeed launcher passes --local_rank=N before the command; LOCAL_RANK in the
+    # environment says the same, and that is what gptscale reads.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+    info.add_parsers(sub)
+    data.add_parsers(sub)
+    train.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UserError, FileNotFoundError) as err:
+        print(f"gptscale: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""`python -m gptscale.cli` (what launchers run: torchrun ... -m gptscale.cli train ...)."""
+import sys
+
+from gptscale.cli import main
+
+sys.exit(main())

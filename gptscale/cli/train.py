@@ -1,0 +1,71 @@
+"""`gptscale train`, `generate`, `plot`: a training run, and what comes out of it."""
+from __future__ import annotations
+
+import argparse
+
+from gptscale.cli.options import add_config_options
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from gptscale import config
+    from gptscale.train.loop import train
+
+    result = train(config.load(args.config, args.set), resume=args.resume)
+    return 0 if result.steps_done > 0 or result.stopped_by_signal else 1
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from gptscale.train.sample import generate_from_checkpoint
+
+    print(generate_from_checkpoint(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                                   tokenizer=args.tokenizer))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from gptscale.plot import plot_run
+
+    print(plot_run(args.run_dir))
+    return 0
+
+
+def _modes_help() -> str:
+    from gptscale import modes
+
+    return "\n".join(f"  {spec.name:<11} {spec.summary}" for spec in map(modes.by_name, modes.names()[1:]))
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("train", help="pretrain with tensor, pipeline and ZeRO data parallelism",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Pretrain the configured GPT with DeepSpeed in the run mode parallel.mode picks "
+                                   "(auto: zero3 without pipeline stages, else pipe):\n" + _modes_help() + "\n"
+                                   "Run it under any launcher; ranks are discovered from its environment:\n"
+                                   "  torchrun --nproc_per_node 2 -m gptscale.cli train --config configs/tiny.yaml\n"
+                                   "  deepspeed --num_gpus 8 -m gptscale.cli train --config ...\n"
+                                   "  mpirun -np 2 gptscale train --config ...\n"
+                                   "Writes metrics.jsonl, TensorBoard events and checkpoints to train.out_dir. "
+                                   "SIGTERM / SIGUSR1 save a checkpoint and exit 0.")
+    add_config_options(p)
+    p.add_argument("--resume", default="auto",
+                   help="auto (default): continue from the newest complete checkpoint in train.out_dir if there "
+                        "is one; none: start fresh; or a checkpoint folder")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample text from a training checkpoint",
+                       description="Consolidate a training checkpoint (any run mode, any TP x PP x DP layout) in this "
+                                   "process and continue a prompt. The tokenizer is the training data's, unless "
+                                   "--tokenizer is given.")
+    p.add_argument("--checkpoint", required=True, help="RUN/checkpoints/stepNNNNNNNN")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the one of the training data)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("plot", help="loss curves of a run as a PNG")
+    p.add_argument("run_dir", help="a train.out_dir with metrics.jsonl")
+    p.set_defaults(func=cmd_plot)

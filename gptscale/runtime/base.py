@@ -1,0 +1,215 @@
+"""The run-mode interface: everything the training loop may ask of a mode, and the recipe every
+mode builds its engine with.
+
+A mode (zero3, pipe, pipe_zero3; the registry in `gptscale.modes`) is one module with one
+`Runtime` subclass. It builds its DeepSpeed engine for the model and the task's trainable
+parameters, runs one optimizer step of `train.grad_accum` micro-batches, evaluates, exposes
+this rank's parameters under canonical names, saves and restores its DeepSpeed files where
+`checkpoint.layout` says its kind goes, and may add metrics or a model to sample from.
+Modes never import each other; what they share lives here.
+"""
+from __future__ import annotations
+
+import abc
+import importlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from gptscale import modes
+from gptscale.checkpoint.layout import engine_location
+from gptscale.checkpoint.weights import load_canonical_params
+from gptscale.config import RunConfig
+from gptscale.modes import ModeSpec
+from gptscale.parallel.primitives import comm_device
+from gptscale.parallel.topology import Topology
+from gptscale.runtime.optim import lr_scheduler, param_groups
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, labels), each (micro_batch, seq_len)
+ZERO3_ONLY = " partitions parameters with ZeRO stage 3; use a stage 3 template (train.ds_config=zero3)"
+
+
+def runtime_class(mode: str) -> type["Runtime"]:
+    """The Runtime subclass of run mode `mode` (a registered name, not `auto`), imported on first use."""
+    module, _, name = modes.by_name(mode).runtime.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass
+class RuntimeContext:
+    """What a mode is built from."""
+
+    cfg: RunConfig
+    mode: ModeSpec
+    topo: Topology
+    ds_config: dict  # assembled for this run (a mode may add DeepSpeed-only settings before building)
+    deepspeed: Any  # the imported deepspeed module (gptscale.ds_import)
+    trains: Callable[[str], bool]  # the task's choice: does the parameter of this canonical name train?
+
+
+class NonFiniteCounter(Protocol):
+    """The loop's policy for non-finite losses; a mode that can skip a micro-batch reports each one."""
+
+    def finite(self) -> None: ...
+
+    def nonfinite(self, step: int, what: str) -> None: ...  # raises after too many in a row
+
+
+class Runtime(abc.ABC):
+    """One run mode. Subclasses set the class attributes and implement the abstract methods;
+    `__init__` builds the engine (`build`), normally through `initialize_engine`."""
+
+    default_template: ClassVar[str]  # ds_configs/<name>.json when train.ds_config is unset
+    zero_stages: ClassVar[tuple[int, ...]]  # ZeRO stages this mode's engine runs
+    zero_stages_refusal: ClassVar[str]  # the rest of the error for another stage ("{pp}": parallel.pp)
+
+    stage: int = 0  # this rank's pipeline stage: where its checkpoint files go
+
+    def __init__(self, ctx: RuntimeContext):
+        self.ctx, self.cfg, self.topo = ctx, ctx.cfg, ctx.topo
+        self.engine = self.build()
+
+    # -- what each mode implements -----------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def describe(cls, cfg: RunConfig, ds_config: dict) -> str:
+        """A few words for the start-up message, e.g. 'ZeRO stage 3' (before the engine exists)."""
+
+    @abc.abstractmethod
+    def build(self):
+        """Build the model and return its DeepSpeed engine."""
+
+    @abc.abstractmethod
+    def train_step(self, batches: Iterator[Batch], step: int, nonfinite: NonFiniteCounter) -> float:
+        """One optimizer step over train.grad_accum micro-batches from `batches`; returns the
+        step's mean loss over micro-batches and DP replicas, the same on every rank."""
+
+    @abc.abstractmethod
+    def evaluate(self, batches: list[Batch]) -> float:
+        """Mean loss over `batches` (the same held-out batches on every DP rank), on every rank."""
+
+    @abc.abstractmethod
+    def canonical_parameters(self) -> dict[str, nn.Parameter]:
+        """This rank's parameters (its TP shard, its stage) under their canonical names."""
+
+    # -- what modes may override ------------------------------------------------------------
+    def step_metrics(self) -> dict:
+        """Mode-specific entries of the step's metrics record."""
+        return {}
+
+    def generation_model(self) -> nn.Module | None:
+        """A whole GPT that every rank can run `generate` on together, or None: the loop then
+        samples from the final checkpoint, consolidated on rank 0."""
+        return None
+
+    # -- shared by every mode ---------------------------------------------------------------
+    def save_native(self, ckpt: Path, step: int) -> None:
+        folder, tag = engine_location(self.ctx.mode.checkpoint_files, ckpt, self.stage)
+        self.engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step}, save_latest=False)
+
+    def load_native(self, ckpt: Path) -> None:
+        folder, tag = engine_location(self.ctx.mode.checkpoint_files, ckpt, self.stage)
+        self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+    def initialize_engine(self, model: nn.Module, canonical: dict[str, nn.Parameter], mpu=None):
+        """The recipe every mode shares once it has built `model` (from the same seed on every
+        rank of a stage, so replicas start equal): the starting weights of train.init_from, the
+        optimizer over the task's trainable parameters with the LR schedule, then the training RNG."""
+        cfg, ds = self.cfg, self.ctx.deepspeed
+        if cfg.train.init_from:
+            load_canonical_params(canonical, cfg.model, self.topo.tp_group, cfg.train.init_from, ds)
+        groups = param_groups(model, canonical, cfg.train.weight_decay, self.ctx.trains)
+        engine, _, _, _ = ds.initialize(model=model, model_parameters=groups, config=self.ctx.ds_config, mpu=mpu,
+                                        lr_scheduler=lr_scheduler(cfg.train))
+        # Training RNG: shared within a TP group (dropout on the replicated residual stream must
+        # agree), different across DP replicas.
+        seed_all(cfg.train.seed + 1000 * self.topo.coords.dp + 1)
+        return engine
+
+    def on_device(self, batch: Batch) -> Batch:
+        """The loader's CPU tensors on this rank's device (DeepSpeed does not move inputs)."""
+        return tuple(t.to(self.engine.device, non_blocking=True) for t in batch)
+
+
+class WholeModelRuntime(Runtime):
+    """A mode whose one DeepSpeedEngine runs the whole GPT (labels in, loss out) on every rank
+    of a DP group (zero3). A micro-batch whose loss is not finite on some rank is skipped on
+    every rank (no backward, no step) and another one is taken in its place."""
+
+    def train_step(self, batches, step, nonfinite) -> float:
+        losses = []
+        while len(losses) < self.cfg.train.grad_accum:
+            input_ids, labels = self.on_device(next(batches))
+            loss = self.engine(input_ids, labels=labels)
+            if not finite_everywhere(loss):
+                nonfinite.nonfinite(step, "micro-batches")
+                continue  # skipped on every rank: no backward, no step
+            nonfinite.finite()
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.item())
+        return dp_mean(sum(losses) / len(losses), self.topo)
+
+    @torch.no_grad()
+    def evaluate(self, batches) -> float:
+        self.engine.eval()
+        losses = []
+        for batch in batches:
+            input_ids, labels = self.on_device(batch)
+            losses.append(self.engine(input_ids, labels=labels).item())
+        self.engine.train()
+        return dp_mean(sum(losses) / len(losses), self.topo)
+
+    def canonical_parameters(self) -> dict[str, nn.Parameter]:
+        return dict(self.engine.module.named_parameters())
+
+    def generation_model(self) -> nn.Module:
+        return self.engine.module  # every rank runs it; ZeRO-3 gathers each layer for its forward
+
+
+# -- helpers for modes and the loop ----------------------------------------------------------
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def dp_mean(value: float, topo: Topology) -> float:
+    """The mean of `value` over the data-parallel replicas (fp64, so the order of ranks hardly matters)."""
+    t = torch.tensor([value], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t, group=topo.get_data_parallel_group())
+    return t.item() / topo.layout.dp
+
+
+def finite_everywhere(loss: torch.Tensor) -> bool:
+    """True when `loss` is finite on every rank (all ranks learn the same answer)."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=comm_device())
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0.0

@@ -1,0 +1,183 @@
+"""`parallel.mode: pipe`: TP x PP x DP on DeepSpeed's PipelineEngine (1F1B), ZeRO stage 0/1 over DP.
+
+The GPT's stage layers (`model.stages`) become DeepSpeed `LayerSpec`s (a `TiedLayerSpec` for
+GPT-2's embedding, shared by the first and last stage), cut where `stage_bounds` says. A
+step is `train_batch` (1F1B over grad_accum micro-batches), validation is `eval_batch`.
+
+DeepSpeed's rank grid (`PipeModelDataParallelTopology`: pipe slowest, model fastest) and
+gptscale's `RankLayout` order ranks the same way; `_check_rank_grid` proves it for every
+rank, so the TP groups our layers use and the stage / DP groups DeepSpeed builds agree.
+
+DeepSpeed internals this mode relies on (checked in tests/unit/test_deepspeed_internals.py):
+1. `PipelineModule._partition_layers` is where the module decides its stage boundaries; a
+   subclass sets them to ours (`StagesCutByGptscale`).
+2. `PipelineEngine._INSTRUCTION_MAP` dispatches every schedule instruction; an instance
+   attribute of wrapped handlers times this engine's instructions (`StageTimer`).
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from gptscale.model.loss import lm_loss
+from gptscale.model.stages import StageLayer, stage_bounds, stage_layers
+from gptscale.parallel.primitives import comm_device
+from gptscale.parallel.topology import Topology
+from gptscale.runtime.base import Runtime, seed_all
+from gptscale.scaling.bubble import bubble_warning, theoretical_idle_fraction
+
+
+class PipeRuntime(Runtime):
+    default_template = "pipe_zero1"
+    zero_stages = (0, 1)
+    zero_stages_refusal = (" (parallel.pp={pp}) runs DeepSpeed's PipelineEngine, which supports only ZeRO stage 0 or 1 "
+                           "(it shards no gradients or parameters across pipeline micro-batches); use "
+                           "train.ds_config=pipe_zero1, or parallel.pp=1 for ZeRO-3")
+
+    @classmethod
+    def describe(cls, cfg, ds_config) -> str:
+        zero = ds_config.get("zero_optimization", {}).get("stage", 0)
+        return f"pipeline {cfg.parallel.pp} stages (1F1B, {cfg.train.grad_accum} micro-batches), ZeRO stage {zero}"
+
+    def build(self):
+        cfg, topo = self.cfg, self.topo
+        warning = bubble_warning(cfg)
+        if warning and dist.get_rank() == 0:
+            print(f"gptscale: warning: {warning}", file=sys.stderr, flush=True)
+        self.stage = topo.coords.pp
+        self.layers = stage_layers(cfg.model, topo.tp_group)
+        self.bounds = stage_bounds(cfg.model, topo.layout.pp, cfg.parallel.pipe_partition)
+        seed_all(cfg.train.seed)  # every stage builds its layers from the same seed
+        self.module = build_pipeline_module(self.layers, self.bounds, topo, lm_loss)
+        engine = self.initialize_engine(self.module, self.canonical_parameters())
+        self.timer = StageTimer(engine)
+        return engine
+
+    def train_step(self, batches, step, nonfinite) -> float:
+        loss = self.engine.train_batch(batches).item()  # already the mean over micro-batches and DP
+        self.step_timing = self.timer.take()  # this step's alone, whenever it is logged
+        return loss
+
+    def step_metrics(self) -> dict:
+        measured = idle_fractions_per_stage(*self.step_timing, self.topo)
+        return {"pipe_idle_fraction": measured,
+                "pipe_idle_theory": theoretical_idle_fraction(self.topo.layout.pp, self.cfg.train.grad_accum)}
+
+    @torch.no_grad()
+    def evaluate(self, batches) -> float:
+        loss = self.engine.eval_batch(iter(batches), num_micro_batches=len(batches))
+        self.engine.train()
+        self.timer.take()  # evaluation is not part of a training step's bubble
+        return float(loss)
+
+    def canonical_parameters(self) -> dict[str, nn.Parameter]:
+        """canonical name -> parameter, for this rank's stage (and TP shard)."""
+        start, stop = self.bounds[self.stage], self.bounds[self.stage + 1]
+        params = {}
+        for offset, layer in enumerate(self.layers[start:stop]):
+            module = (self.module.tied_modules[layer.tie_key] if layer.tie_key is not None
+                      else self.module.forward_funcs[offset])
+            params.update({layer.prefix + name: param for name, param in module.named_parameters()})
+        return params
+
+
+def build_pipeline_module(layers: list[StageLayer], bounds: list[int], topo: Topology, loss_fn):
+    """This rank's stage of the GPT as a PipelineModule, layers cut at `bounds`."""
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    class StagesCutByGptscale(PipelineModule):
+        """DeepSpeed's PipelineModule with gptscale's stage boundaries (internal 1 above)."""
+
+        def _partition_layers(self, method="uniform"):
+            self.parts = list(bounds)
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    layout = topo.layout
+    grid = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
+    _check_rank_grid(topo, grid)
+    specs = []
+    for layer in layers:
+        if layer.tie_key is not None:
+            specs.append(TiedLayerSpec(layer.tie_key, layer.build, *layer.args, forward_fn=layer.forward_fn,
+                                       tied_weight_attr=["embed.weight"]))
+        else:
+            specs.append(LayerSpec(layer.build, *layer.args))
+    # Built without autograd: DeepSpeed broadcasts the tied weights in place while building,
+    # which autograd would otherwise record as an op it cannot differentiate. Activation
+    # recompute is the blocks' own (model.gpt.Block), not DeepSpeed's.
+    with torch.no_grad():
+        return StagesCutByGptscale(layers=specs, topology=grid, loss_fn=functools.partial(loss_fn, tp=topo.tp_group),
+                                   activation_checkpoint_interval=0)
+
+
+def _check_rank_grid(topo: Topology, grid) -> None:
+    layout = topo.layout
+    for rank in range(layout.world_size):
+        ours, theirs = layout.coords(rank), grid.get_coord(rank)
+        if (ours.pp, ours.dp, ours.tp) != (theirs.pipe, theirs.data, theirs.model):
+            raise RuntimeError(f"rank {rank}: gptscale places it at {ours}, DeepSpeed at {theirs}; "
+                               f"the two rank orders must agree")
+
+
+class StageTimer:
+    """Times the PipelineEngine's instructions on this stage, to measure the pipeline bubble
+    (internal 2 above).
+
+    busy = this stage's forward + backward passes; the pipeline's span = from the first
+    instruction of a step to the end of the last backward pass on any stage (stages start a
+    step together: the previous step ended in collectives over all of them). A stage's
+    idle fraction is 1 - busy / span: bubble plus waiting for slower stages. For equal
+    stages 1F1B's theory is (p - 1) / (m + p - 1).
+    """
+
+    BUSY = ("ForwardPass", "BackwardPass")
+
+    def __init__(self, engine):
+        self.busy = 0.0
+        self.start: float | None = None  # first instruction of the step
+        self.last_busy_end: float | None = None
+        # The engine dispatches through the class attribute _INSTRUCTION_MAP; an instance
+        # attribute of wrapped handlers shadows it for this engine only.
+        engine._INSTRUCTION_MAP = {kind: self._timed(kind.__name__ in self.BUSY, handler)
+                                   for kind, handler in type(engine)._INSTRUCTION_MAP.items()}
+
+    def _timed(self, busy: bool, handler):
+        def run(engine, **kwargs):
+            start = time.perf_counter()
+            if self.start is None:
+                self.start = start
+            try:
+                return handler(engine, **kwargs)
+            finally:
+                if busy:
+                    self.last_busy_end = time.perf_counter()
+                    self.busy += self.last_busy_end - start
+        return run
+
+    def take(self) -> tuple[float, float]:
+        """(busy seconds, seconds from the step's start to this stage's last busy moment); resets."""
+        busy = self.busy
+        span = (self.last_busy_end - self.start) if self.start is not None and self.last_busy_end else 0.0
+        self.busy, self.start, self.last_busy_end = 0.0, None, None
+        return busy, span
+
+
+def idle_fractions_per_stage(busy: float, span: float, topo: Topology) -> list[float]:
+    """Every stage's idle fraction over the pipeline's span of one step (`StageTimer.take()`
+    on each stage), in stage order, on every rank."""
+    group = topo.get_pipe_parallel_group()
+    device = comm_device()
+    longest = torch.tensor([span], dtype=torch.float64, device=device)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
+    mine = torch.tensor([1.0 - busy / longest.item() if longest.item() > 0 else float("nan")], dtype=torch.float64,
+                        device=device)
+    gathered = [torch.zeros_like(mine) for _ in range(topo.layout.pp)]
+    dist.all_gather(gathered, mine, group=group)
+    return [g.item() for g in gathered]

@@ -1,0 +1,236 @@
+"""`gptscale train`: the training loop, the same for every run mode and task.
+
+Works under any launcher (gptscale.launch). The loop owns the cadence (log, evaluate, save),
+the policy for non-finite losses, preemption signals, checkpoints and auto-resume, metrics,
+the progress bar and the closing sample. It reaches the run mode only through the runtime
+interface (`gptscale.runtime.base`, the mode chosen by the registry in `gptscale.modes`) and
+the task only through `gptscale.train.tasks`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from gptscale import modes
+from gptscale.atomic import write_text_atomic
+from gptscale.checkpoint.layout import Layout
+from gptscale.checkpoint.resume import RunCheckpoints, find_resume
+from gptscale.config import RunConfig
+from gptscale.ds_import import import_deepspeed, on_gpu
+from gptscale.launch import init_distributed
+from gptscale.model.counting import flops_per_token
+from gptscale.parallel.primitives import comm_device
+from gptscale.parallel.topology import Topology
+from gptscale.runtime.base import RuntimeContext, rng_state, runtime_class, set_rng_state
+from gptscale.runtime.ds_config import assemble, load_template
+from gptscale.scaling.hardware import device_peak_tflops
+from gptscale.train.metrics import MetricsLogger, peak_memory_gb
+from gptscale.train.sample import sample_from_checkpoint, sample_live
+from gptscale.train.tasks import Pretraining, Task
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    losses: dict[int, float] = field(default_factory=dict)  # step -> global mean training loss
+    val_losses: dict[int, float] = field(default_factory=dict)
+    stopped_by_signal: bool = False
+    sample: str | None = None
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM preemption) set a flag; ranks agree on it at each step end."""
+
+    def __init__(self):
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.flag else 0.0], device=comm_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class NonFinitePolicy:
+    """Counts non-finite losses; `train.max_nonfinite` in a row stop the run with the last good
+    checkpoint named. A mode that can skip a micro-batch (zero3) reports each one; for the
+    pipeline modes a whole step is applied before its loss is known, so the step is counted."""
+
+    def __init__(self, max_in_a_row: int, checkpoints: RunCheckpoints):
+        self.max_in_a_row, self.checkpoints = max_in_a_row, checkpoints
+        self.streak, self.total = 0, 0
+
+    def finite(self) -> None:
+        self.streak = 0
+
+    def nonfinite(self, step: int, what: str) -> None:
+        self.streak += 1
+        self.total += 1
+        if self.streak >= self.max_in_a_row:
+            raise FloatingPointError(
+                f"{self.streak} consecutive {what} had a non-finite loss at step {step}; "
+                f"lower train.lr, raise train.warmup_steps or check the data (last good "
+                f"checkpoint: {self.checkpoints.complete()[-1:]})")
+
+    def after_step(self, loss: float, step: int) -> None:
+        if math.isfinite(loss):
+            self.finite()
+        else:
+            self.nonfinite(step, "steps")
+
+
+def _quiet_libraries() -> None:
+    """DeepSpeed logs every step at INFO and torch warns about deprecated collectives that
+    DeepSpeed calls; neither is actionable for a user of gptscale."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use.*", category=FutureWarning)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: str = "auto", task: Task | None = None):
+        self.cfg = cfg
+        self.stop = StopRequest()  # first: a preemption notice during start-up must not be lost
+        mode = modes.resolve(cfg.parallel.mode, cfg.parallel.pp)
+        template = load_template(cfg)  # a wrong DeepSpeed template fails before any rank waits for another
+        deepspeed = import_deepspeed()
+        _quiet_libraries()
+        launch = init_distributed()
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        self.topo = Topology.from_env(cfg.parallel)
+        self.rank = dist.get_rank()
+        self.is_writer = self.rank == 0
+        self.run_dir = Path(cfg.train.out_dir)
+        l = self.topo.layout
+        self.checkpoints = RunCheckpoints(self.run_dir, cfg, Layout(mode=mode.name, tp=l.tp, pp=l.pp, dp=l.dp))
+        self.resume_from = find_resume(self.run_dir, resume)
+        self.task = task or Pretraining(cfg)
+        self.ds_config = assemble(cfg, l.dp, on_gpu(), template)
+        context = RuntimeContext(cfg=cfg, mode=mode, topo=self.topo, ds_config=self.ds_config, deepspeed=deepspeed,
+                                 trains=self.task.trains)
+        runtime = runtime_class(mode.name)
+        if self.is_writer:
+            print(f"gptscale train: {launch.describe()}", flush=True)
+            print(f"gptscale train: {l.world_size} rank(s) = tp {l.tp} x pp {l.pp} x dp {l.dp}, {self.task.name}, "
+                  f"{runtime.describe(cfg, self.ds_config)}, {cfg.train.precision}, run dir {self.run_dir}",
+                  flush=True)
+        self.runtime = runtime(context)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, t, runtime = self.cfg, self.cfg.train, self.runtime
+        batches = self.task.train_batches(self.topo.coords.dp, self.topo.layout.dp)
+        held_out = self.task.validation_batches(self.topo.coords.dp, self.topo.layout.dp)
+        step = 0
+        if self.resume_from is not None:
+            rank_state = self.checkpoints.load(self.resume_from, runtime.load_native)
+            step = int(self.resume_from.name.removeprefix("step"))
+            if rank_state is not None:
+                batches.load_state_dict(rank_state["data"])
+                set_rng_state(rank_state["rng"])
+            if self.is_writer:
+                print(f"resumed from {self.resume_from} at step {step}", flush=True)
+        elif self.is_writer:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_writer:
+            write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            write_text_atomic(self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=2))
+
+        peak, peak_source = device_peak_tflops(t.peak_tflops)
+        flops_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        tokens_per_step = t.micro_batch * t.grad_accum * self.topo.layout.dp * cfg.data.seq_len
+        metrics = MetricsLogger(self.run_dir, self.is_writer, t.tensorboard, t.wandb, cfg.to_dict())
+        if self.is_writer:
+            print(f"{tokens_per_step:,} tokens/step, {flops_token / 1e6:.2f} MFLOP/token; MFU against "
+                  f"{peak:.3f} TFLOP/s per device ({peak_source})", flush=True)
+        result = TrainResult(steps_done=step)
+        bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (self.is_writer and t.progress), file=sys.stderr)
+        iterator = iter(batches)
+        nonfinite = NonFinitePolicy(t.max_nonfinite, self.checkpoints)
+        if step == 0 and t.eval_every:  # the baseline the validation curve falls from
+            result.val_losses[0] = self._evaluate(held_out, 0, metrics, bar, "(before training)")
+        runtime.train()
+        while step < t.steps:
+            start = time.perf_counter()
+            loss_value = runtime.train_step(iterator, step, nonfinite)
+            nonfinite.after_step(loss_value, step)
+            step += 1
+            elapsed = time.perf_counter() - start
+            result.losses[step] = loss_value
+            tokens_per_s = tokens_per_step / elapsed
+            tflops = flops_token * tokens_per_s / self.topo.layout.world_size / 1e12
+            if step % t.log_every == 0 or step == t.steps:
+                metrics.log({"step": step, "loss": loss_value, "lr": runtime.lr(), "grad_norm": runtime.grad_norm(),
+                             "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_s,
+                             "tflops_per_device": tflops, "mfu": tflops / peak if peak else None,
+                             "peak_mem_gb": peak_memory_gb(), "nonfinite_skipped": nonfinite.total,
+                             "step_time_s": elapsed, **runtime.step_metrics()})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+                result.val_losses[step] = self._evaluate(held_out, step, metrics, bar)
+            signalled = self.stop.agreed()
+            if (t.save_every and step % t.save_every == 0) or step == t.steps or signalled:
+                self.save(step, batches)
+            if signalled:
+                result.stopped_by_signal = True
+                if self.is_writer:
+                    bar.write(f"stop signal: saved step {step} and exiting")
+                break
+        bar.close()
+        result.steps_done = step
+        if not result.stopped_by_signal and t.sample_tokens and self.task.tokenizer is not None:
+            result.sample = self.sample()
+            if self.is_writer:
+                print(f"sample ({t.sample_tokens} tokens after {t.sample_prompt!r}):\n{result.sample}", flush=True)
+        metrics.close()
+        return result
+
+    def _evaluate(self, held_out, step: int, metrics: MetricsLogger, bar, note: str | None = None) -> float:
+        val = self.runtime.evaluate(held_out)
+        ppl = math.exp(min(val, 50))
+        metrics.log({"step": step, "val_loss": val, "val_ppl": ppl})
+        if self.is_writer:
+            bar.write(f"step {step}: val loss {val:.4f} {note or f'(ppl {ppl:.1f})'}")
+        return val
+
+    def save(self, step: int, batches) -> Path:
+        def write_files(ckpt: Path) -> None:
+            self.runtime.save_native(ckpt, step)
+            self.task.save_extras(ckpt, self.runtime)
+
+        state = {"data": batches.state_dict(), "rng": rng_state()}
+        path = self.checkpoints.save(step, state, write_files)
+        if self.is_writer and os.environ.get("GPTSCALE_QUIET_SAVE") is None:
+            tqdm.write(f"checkpoint: {path}", file=sys.stderr)
+        return path
+
+    def sample(self) -> str | None:
+        """The closing sample, on rank 0 (None elsewhere when only rank 0 generates)."""
+        model = self.runtime.generation_model()
+        if model is not None:
+            return sample_live(model, self.task.tokenizer, self.cfg, self.runtime.engine.device)
+        final = self.checkpoints.complete()[-1]
+        return sample_from_checkpoint(final, self.cfg) if self.is_writer else None
+
+
+def train(cfg: RunConfig, resume: str = "auto", task: Task | None = None) -> TrainResult:
+    return Trainer(cfg, resume, task).run()

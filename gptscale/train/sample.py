@@ -1,0 +1,65 @@
+"""Text from a model: `gptscale generate` on a checkpoint (in one process), and the sample at
+the end of a run (from the live model where its mode allows, else from the final checkpoint)."""
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import torch
+
+from gptscale.checkpoint.consolidate import consolidate
+from gptscale.config import RunConfig
+from gptscale.convert.tp import split_tp
+from gptscale.data.shards import matching_tokenizer, read_manifest
+from gptscale.data.tokenizer import TextTokenizer
+from gptscale.errors import ConfigError
+from gptscale.model.counting import count_parameters
+from gptscale.model.generate import generate
+from gptscale.model.gpt import GPT
+from gptscale.parallel.layers import split_table
+
+# The end-of-run sample's decoding, and `gptscale generate`'s defaults.
+TEMPERATURE = 0.8
+TOP_K = 50
+LARGEST_SAMPLED_MODEL = 2_000_000_000  # parameters; bigger ones are not consolidated onto one rank for a sample
+
+
+def generate_from_checkpoint(checkpoint: str | Path, prompt: str, *, max_new_tokens: int = 64,
+                             temperature: float = TEMPERATURE, top_k: int | None = TOP_K, seed: int = 0,
+                             tokenizer: str | None = None) -> str:
+    with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every file it reads
+        cfg, weights = consolidate(checkpoint)
+    if tokenizer is not None:
+        tok = TextTokenizer.load(tokenizer)
+    elif cfg.data.path is not None:
+        tok = matching_tokenizer(cfg.data.path, read_manifest(cfg.data.path))
+    else:
+        raise ConfigError("the checkpoint was trained on synthetic data; pass --tokenizer")
+    model = GPT(cfg.model)
+    model.load_state_dict(split_tp(weights, split_table(model), 1, model.padded_vocab)[0])
+    ids = tok.encode(prompt)
+    if not ids:
+        raise ConfigError("--prompt encodes to no tokens; give some text")
+    budget = min(max_new_tokens, cfg.model.block_size - len(ids))
+    out = generate(model, torch.tensor([ids]), budget, temperature=temperature, top_k=top_k,
+                   generator=torch.Generator().manual_seed(seed), stop_token=tok.eos_id)
+    return tok.decode(out[0].tolist())
+
+
+def sample_live(model: GPT, tokenizer, cfg: RunConfig, device) -> str:
+    """The run's sample from a live model that every rank runs together (ZeRO-3 gathers each layer)."""
+    t = cfg.train
+    prompt = torch.tensor([tokenizer.encode(t.sample_prompt)], device=device)
+    g = torch.Generator(device=device).manual_seed(t.seed)
+    out = generate(model, prompt, t.sample_tokens, temperature=TEMPERATURE, top_k=TOP_K, generator=g,
+                   stop_token=tokenizer.eos_id)
+    return tokenizer.decode(out[0].tolist())
+
+
+def sample_from_checkpoint(final: Path, cfg: RunConfig) -> str:
+    """The run's sample from its final checkpoint, consolidated into one dense model (one rank)."""
+    if count_parameters(cfg.model).total > LARGEST_SAMPLED_MODEL:
+        return f"(model too large to sample on one rank; run: gptscale generate {final})"
+    t = cfg.train
+    return generate_from_checkpoint(final, t.sample_prompt, max_new_tokens=t.sample_tokens, seed=t.seed)
