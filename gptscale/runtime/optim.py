@@ -23,7 +23,10 @@ def param_groups(module: nn.Module, canonical: dict[str, nn.Parameter], weight_d
         if not trains(name):
             param.requires_grad_(False)
             continue
-        (decay if weight_decay_applies(name, param.shape) else rest).append(param)
+        # ZeRO-3 has already partitioned parameters built under zero.Init (param.shape is then
+        # (0,)); ds_shape is the whole tensor's shape.
+        shape = getattr(param, "ds_shape", param.shape)
+        (decay if weight_decay_applies(name, shape) else rest).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 

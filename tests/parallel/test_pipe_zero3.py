@@ -13,6 +13,8 @@ LAYOUTS = {  # the same global batch: 2 micro-steps of dp x micro_batch = 4 rows
     "pp2_dp2": [*PIPE_ZERO3, "train.micro_batch=2"],
     "pp2_dp2_gather_per_step": [*PIPE_ZERO3, "train.micro_batch=2", "parallel.pipe_zero3_gather=step"],
     "pp2_tp2": [*PIPE_ZERO3, "parallel.tp=2", "train.micro_batch=4"],
+    # Decay read from the whole shape of parameters ZeRO-3 partitioned as they were built.
+    "pp2_dp2_weight_decay": [*PIPE_ZERO3, "train.micro_batch=2", "train.weight_decay=2.0"],
 }
 
 

@@ -20,8 +20,12 @@ def test_zero3_equals_plain_adamw_and_tp2_equals_tp1_and_recomputation_changes_n
     # tp=2 leaves dp=1: twice the micro-batch keeps the global batch (and its rows) the same.
     tp = synthetic(tmp_path, "tp2", f"train.init_from={init_weights}", "parallel.tp=2", "train.micro_batch=4")
     recompute = synthetic(tmp_path, "ckpt", f"train.init_from={init_weights}", "model.activation_checkpointing=true")
-    results = run_ranks(train_layouts, 2, [zero3, tp, recompute], timeout=400, env=ENV)  # one start-up, 3 runs
-    dp2, tp2, recomputed = ([rank_results[i] for rank_results in results] for i in range(3))
+    # Strong weight decay: ZeRO-3 partitions parameters as they are built, so the decay rule must
+    # read their whole shape (an empty partition looks like a vector, which is never decayed).
+    decay = synthetic(tmp_path, "decay", f"train.init_from={init_weights}", "train.weight_decay=2.0", "train.lr=1e-2",
+                      "train.min_lr=1e-3")
+    results = run_ranks(train_layouts, 2, [zero3, tp, recompute, decay], timeout=400, env=ENV)  # one start-up
+    dp2, tp2, recomputed, decayed = ([rank_results[i] for rank_results in results] for i in range(4))
     assert recomputed[0]["losses"] == dp2[0]["losses"]  # bitwise: recomputation replays the same fp32 ops
     reference = plain_adamw_losses(zero3, init_weights, 5)
     for rank in range(2):
@@ -30,6 +34,10 @@ def test_zero3_equals_plain_adamw_and_tp2_equals_tp1_and_recomputation_changes_n
         assert abs(dp2[0]["losses"][step] - reference[step]) < 1e-4, (step, dp2[0]["losses"], reference)
         assert abs(tp2[0]["losses"][step] - dp2[0]["losses"][step]) < 1e-4, (step, tp2[0]["losses"])
     assert reference[5] < reference[1]  # it learns: the comparison is not between constants
+    decay_reference = plain_adamw_losses(decay, init_weights, 5)
+    assert max(abs(decayed[0]["losses"][s] - decay_reference[s]) for s in range(1, 6)) < 1e-4, decayed[0]["losses"]
+    undecayed = plain_adamw_losses([*decay, "train.weight_decay=0.0"], init_weights, 5)
+    assert abs(undecayed[5] - decay_reference[5]) > 1e-3  # the decay is large enough to be seen
     # The checkpoints of both layouts consolidate to the same weights.
     from gptscale.checkpoint.consolidate import consolidate
 
