@@ -352,7 +352,10 @@ class StreamingLoader:
         dataset = _WorkerBatches(self.plan, dict(self._states), self._next_worker)
         extra = {} if self.plan.num_workers == 0 else dict(
             prefetch_factor=self.prefetch_factor, worker_init_fn=_single_thread_worker)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.plan.num_workers, **extra)
+        # A generator of its own: torch's default one would give the workers' base seed from the
+        # training RNG, at the first batch, and so shift dropout differently in a resumed run.
+        generator = torch.Generator().manual_seed(self.plan.spec.seed)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.plan.num_workers, generator=generator, **extra)
         for batch in loader:
             self._states[batch["worker"]] = batch["state"]
             self._next_worker = (batch["worker"] + 1) % readers

@@ -29,7 +29,7 @@ from gptscale.config import RunConfig
 from gptscale.modes import ModeSpec
 from gptscale.parallel.primitives import comm_device
 from gptscale.parallel.topology import Topology
-from gptscale.runtime.optim import lr_scheduler, param_groups
+from gptscale.runtime.optim import lr_at, lr_scheduler, param_groups
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, labels), each (micro_batch, seq_len)
 ZERO3_ONLY = " partitions parameters with ZeRO stage 3; use a stage 3 template (train.ds_config=zero3)"
@@ -116,6 +116,13 @@ class Runtime(abc.ABC):
     def load_native(self, ckpt: Path) -> None:
         folder, tag = engine_location(self.ctx.mode.checkpoint_files, ckpt, self.stage)
         self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+
+    def follow_schedule(self, step: int) -> None:
+        """Set the learning rate of `step` under this run's schedule, after a resume: the
+        checkpoint holds the rate its own run's schedule gave, which differs when train.steps
+        (or another schedule field) changed since; the scheduler computes every later step."""
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.cfg.train)
 
     def train(self) -> None:
         self.engine.train()

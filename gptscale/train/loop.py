@@ -138,13 +138,13 @@ class Trainer:
         cfg, t, runtime = self.cfg, self.cfg.train, self.runtime
         batches = self.task.train_batches(self.topo.coords.dp, self.topo.layout.dp)
         held_out = self.task.validation_batches(self.topo.coords.dp, self.topo.layout.dp)
-        step = 0
+        step, rank_state = 0, None
         if self.resume_from is not None:
             rank_state = self.checkpoints.load(self.resume_from, runtime.load_native)
             step = int(self.resume_from.name.removeprefix("step"))
+            runtime.follow_schedule(step)
             if rank_state is not None:
                 batches.load_state_dict(rank_state["data"])
-                set_rng_state(rank_state["rng"])
             if self.is_writer:
                 print(f"resumed from {self.resume_from} at step {step}", flush=True)
         elif self.is_writer:
@@ -167,6 +167,10 @@ class Trainer:
         nonfinite = NonFinitePolicy(t.max_nonfinite, self.checkpoints)
         if step == 0 and t.eval_every:  # the baseline the validation curve falls from
             result.val_losses[0] = self._evaluate(held_out, 0, metrics, bar, "(before training)")
+        if rank_state is not None:
+            # Last, right before the first step: the set-up above draws from the generators (the
+            # CPU peak measurement, the loaders' seeds), which the saved state already went past.
+            set_rng_state(rank_state["rng"])
         runtime.train()
         while step < t.steps:
             start = time.perf_counter()

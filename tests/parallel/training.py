@@ -53,14 +53,16 @@ def real(tmp_path, shards, name, steps, *extra):
 def check_exact_resume(tmp_path, shards, world, *extra, timeout=300, sigterm=True):
     """6 steps in one go == 3 steps, end, resume for 3 more (bitwise), and (sigterm) a run
     SIGTERMed at a random point saves on every rank, exits 0 and resumes to the same losses.
-    Returns the full run's result (rank 0)."""
+    Dropout is on (the RNG must resume exactly) and the warmup is 2 steps, so the 3-step run's
+    schedule leaves another learning rate in its checkpoint than the 6-step run uses at step 4
+    (the resumed run must follow its own schedule). Returns the full run's result (rank 0)."""
     import numpy as np
 
     from gptscale.testing.distributed import run_ranks
 
     def run(name, steps, *args):
-        return run_ranks(train_ranks, world, real(tmp_path, shards, name, steps, *extra), *args, timeout=timeout,
-                         env=ENV)
+        overrides = real(tmp_path, shards, name, steps, "model.dropout=0.1", "train.warmup_steps=2", *extra)
+        return run_ranks(train_ranks, world, overrides, *args, timeout=timeout, env=ENV)
 
     full = run("full", 6, "none")[0]
     run("split", 3)  # N steps, "kill" (the run ends) ...
