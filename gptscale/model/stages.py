@@ -166,6 +166,33 @@ def stage_bounds(cfg: ModelConfig, pp: int, method: str) -> list[int]:
     return partition_balanced(weights, pp)
 
 
+def describe_stages(layers: list[StageLayer], bounds: list[int]) -> str:
+    """One line naming each stage's layers, e.g. 'stage 0: embedding, positions, blocks 0-1 | stage 1: ...'."""
+    stages = []
+    for stage, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+        names, blocks = [], []
+        for layer in layers[start:stop]:
+            if layer.is_block:
+                blocks.append(int(layer.prefix.split(".")[1]))
+                continue
+            if blocks:
+                names.append(_block_range(blocks))
+                blocks = []
+            names.append(_LAYER_NAMES[layer.build.__name__] if layer.forward_fn is None else "head (tied embedding)")
+        if blocks:
+            names.append(_block_range(blocks))
+        stages.append(f"stage {stage}: {', '.join(names)}")
+    return " | ".join(stages)
+
+
+_LAYER_NAMES = {"TokenEmbedding": "embedding", "InputPositions": "positions", "FinalNorm": "final norm",
+                "OutputHead": "head"}
+
+
+def _block_range(blocks: list[int]) -> str:
+    return f"block {blocks[0]}" if len(blocks) == 1 else f"blocks {blocks[0]}-{blocks[-1]}"
+
+
 def partition_balanced(weights: list[int], parts: int) -> list[int]:
     """Boundaries cutting `weights` into `parts` consecutive runs whose sums differ least
     (smallest max - min), by dynamic programming over prefix sums; among equal costs the last

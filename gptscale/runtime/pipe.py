@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from gptscale.model.loss import lm_loss
-from gptscale.model.stages import StageLayer, stage_bounds, stage_layers
+from gptscale.model.stages import StageLayer, describe_stages, stage_bounds, stage_layers
 from gptscale.parallel.primitives import comm_device
 from gptscale.parallel.topology import Topology
 from gptscale.runtime.base import Runtime, seed_all
@@ -52,6 +52,8 @@ class PipeRuntime(Runtime):
         self.stage = topo.coords.pp
         self.layers = stage_layers(cfg.model, topo.tp_group)
         self.bounds = stage_bounds(cfg.model, topo.layout.pp, cfg.parallel.pipe_partition)
+        if dist.get_rank() == 0:
+            print(f"gptscale train: {describe_stages(self.layers, self.bounds)}", flush=True)
         seed_all(cfg.train.seed)  # every stage builds its layers from the same seed
         self.module = build_pipeline_module(self.layers, self.bounds, topo, lm_loss)
         engine = self.initialize_engine(self.module, self.canonical_parameters())

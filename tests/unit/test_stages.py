@@ -155,3 +155,15 @@ def test_a_micro_batch_loss_weighted_by_the_global_token_count():
     per_token = torch.nn.functional.cross_entropy(logits[:2].flatten(0, 1), labels[:2].flatten(), reduction="none",
                                                   ignore_index=IGNORE_INDEX)
     assert torch.equal(lm_loss(*micro[0], tp), per_token.sum() / (labels[:2] != IGNORE_INDEX).sum())
+
+
+def test_the_start_up_line_names_each_stage_s_layers():
+    from gptscale.model.stages import describe_stages, stage_bounds
+
+    gpt2 = config.load(None, [*FAMILIES["gpt2"], "model.n_layer=4"]).model
+    layers = stage_layers(gpt2, TPGroup.single())
+    assert describe_stages(layers, stage_bounds(gpt2, 2, "blocks")) == (
+        "stage 0: embedding, positions, blocks 0-1 | stage 1: blocks 2-3, final norm, head (tied embedding)")
+    llama = config.load(None, FAMILIES["llama"]).model
+    assert describe_stages(stage_layers(llama, TPGroup.single()), stage_bounds(llama, 3, "blocks")) == (
+        "stage 0: embedding, positions, block 0 | stage 1: block 1 | stage 2: block 2, final norm, head")

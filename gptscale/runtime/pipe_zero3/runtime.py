@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from gptscale.model.loss import lm_loss
-from gptscale.model.stages import StageModule, stage_bounds, stage_layers
+from gptscale.model.stages import StageModule, describe_stages, stage_bounds, stage_layers
 from gptscale.parallel.primitives import comm_device
 from gptscale.runtime.base import ZERO3_ONLY, Runtime, seed_all
 from gptscale.runtime.pipe_zero3.ds_internals import end_backward, keep_gathered, scope_checks_to
@@ -51,6 +51,8 @@ class PipeZero3Runtime(Runtime):
         self.stage, self.stages = topo.coords.pp, topo.layout.pp
         self.is_first, self.is_last = self.stage == 0, self.stage == self.stages - 1
         bounds = stage_bounds(cfg.model, self.stages, cfg.parallel.pipe_partition)
+        if dist.get_rank() == 0:
+            print(f"gptscale train: {describe_stages(stage_layers(cfg.model, topo.tp_group), bounds)}", flush=True)
         mpu = topo.stage_mpu()
         # Each stage saves under its own tag (stage00, stage01, ...) by design.
         self.ctx.ds_config.setdefault("checkpoint", {})["tag_validation"] = "Ignore"
