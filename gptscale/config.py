@@ -250,6 +250,8 @@ class TrainConfig:
     progress: bool = True
     sample_tokens: int = 48  # tokens generated from the sample prompt at the end; 0 = none
     sample_prompt: str = "def "
+    sample_temperature: float = 0.8  # 0 = greedy; also `gptscale generate`'s default
+    sample_top_k: int = 50
 
     def __post_init__(self) -> None:
         _require_positive(self, "train", ("steps", "micro_batch", "grad_accum", "eval_batches", "log_every",
@@ -260,9 +262,11 @@ class TrainConfig:
             raise ConfigError(f"train.decay={self.decay!r} is unknown; choose one of {', '.join(DECAYS)}")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"train.min_lr={self.min_lr} must be in [0, train.lr={self.lr}]")
-        for name in ("warmup_steps", "eval_every", "save_every", "sample_tokens"):
+        for name in ("warmup_steps", "eval_every", "save_every", "sample_tokens", "sample_temperature"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.sample_top_k < 1:
+            raise ConfigError(f"train.sample_top_k={self.sample_top_k} must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from gptscale.checkpoint.consolidate import consolidate
-from gptscale.config import RunConfig
+from gptscale.config import RunConfig, TrainConfig
 from gptscale.convert.tp import split_tp
 from gptscale.data.shards import matching_tokenizer, read_manifest
 from gptscale.data.tokenizer import TextTokenizer
@@ -19,14 +19,12 @@ from gptscale.model.generate import generate
 from gptscale.model.gpt import GPT
 from gptscale.parallel.layers import split_table
 
-# The end-of-run sample's decoding, and `gptscale generate`'s defaults.
-TEMPERATURE = 0.8
-TOP_K = 50
 LARGEST_SAMPLED_MODEL = 2_000_000_000  # parameters; bigger ones are not consolidated onto one rank for a sample
 
 
 def generate_from_checkpoint(checkpoint: str | Path, prompt: str, *, max_new_tokens: int = 64,
-                             temperature: float = TEMPERATURE, top_k: int | None = TOP_K, seed: int = 0,
+                             temperature: float = TrainConfig.sample_temperature,
+                             top_k: int | None = TrainConfig.sample_top_k, seed: int = 0,
                              tokenizer: str | None = None) -> str:
     with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every file it reads
         cfg, weights = consolidate(checkpoint)
@@ -52,8 +50,8 @@ def sample_live(model: GPT, tokenizer, cfg: RunConfig, device) -> str:
     t = cfg.train
     prompt = torch.tensor([tokenizer.encode(t.sample_prompt)], device=device)
     g = torch.Generator(device=device).manual_seed(t.seed)
-    out = generate(model, prompt, t.sample_tokens, temperature=TEMPERATURE, top_k=TOP_K, generator=g,
-                   stop_token=tokenizer.eos_id)
+    out = generate(model, prompt, t.sample_tokens, temperature=t.sample_temperature, top_k=t.sample_top_k,
+                   generator=g, stop_token=tokenizer.eos_id)
     return tokenizer.decode(out[0].tolist())
 
 
@@ -62,4 +60,5 @@ def sample_from_checkpoint(final: Path, cfg: RunConfig) -> str:
     if count_parameters(cfg.model).total > LARGEST_SAMPLED_MODEL:
         return f"(model too large to sample on one rank; run: gptscale generate {final})"
     t = cfg.train
-    return generate_from_checkpoint(final, t.sample_prompt, max_new_tokens=t.sample_tokens, seed=t.seed)
+    return generate_from_checkpoint(final, t.sample_prompt, max_new_tokens=t.sample_tokens,
+                                    temperature=t.sample_temperature, top_k=t.sample_top_k, seed=t.seed)
