@@ -118,17 +118,18 @@ class Trainer:
         self.rank = dist.get_rank()
         self.is_writer = self.rank == 0
         self.run_dir = Path(cfg.train.out_dir)
-        l = self.topo.layout
-        self.checkpoints = RunCheckpoints(self.run_dir, cfg, Layout(mode=mode.name, tp=l.tp, pp=l.pp, dp=l.dp))
+        grid = self.topo.layout
+        self.checkpoints = RunCheckpoints(self.run_dir, cfg, Layout(mode=mode.name, tp=grid.tp, pp=grid.pp, dp=grid.dp))
         self.resume_from = find_resume(self.run_dir, resume)
         self.task = task or Pretraining(cfg)
-        self.ds_config = assemble(cfg, l.dp, on_gpu(), template)
+        self.ds_config = assemble(cfg, grid.dp, on_gpu(), template)
         context = RuntimeContext(cfg=cfg, mode=mode, topo=self.topo, ds_config=self.ds_config, deepspeed=deepspeed,
                                  trains=self.task.trains)
         runtime = runtime_class(mode.name)
         if self.is_writer:
             print(f"gptscale train: {launch.describe()}", flush=True)
-            print(f"gptscale train: {l.world_size} rank(s) = tp {l.tp} x pp {l.pp} x dp {l.dp}, {self.task.name}, "
+            print(f"gptscale train: {grid.world_size} rank(s) = tp {grid.tp} x pp {grid.pp} x dp {grid.dp}, "
+                  f"{self.task.name}, "
                   f"{runtime.describe(cfg, self.ds_config)}, {cfg.train.precision}, run dir {self.run_dir}",
                   flush=True)
         self.runtime = runtime(context)

@@ -19,8 +19,10 @@ def _train_in_the_fourth_mode(overrides):
     return train_ranks(overrides, "none")
 
 
-def test_a_registered_fourth_mode_trains_checkpoints_and_consolidates(tmp_path, init_weights):
-    fourth_mode.register()
+def test_a_registered_fourth_mode_trains_checkpoints_and_consolidates(tmp_path, init_weights, monkeypatch):
+    from gptscale import modes
+
+    monkeypatch.setitem(modes._MODES, fourth_mode.SPEC.name, fourth_mode.SPEC)  # for this test only
     template = tmp_path / "zero2.json"
     template.write_text(json.dumps({"zero_optimization": {"stage": 2}, "steps_per_print": 10 ** 9}))
     overrides = synthetic(tmp_path, "zero12", f"train.init_from={init_weights}", "parallel.mode=zero12",

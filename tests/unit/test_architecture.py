@@ -124,6 +124,8 @@ def _mode_units() -> dict[str, str]:
     units = {}
     for name in modes.names()[1:]:
         module = modes.by_name(name).runtime.partition(":")[0]
+        if not module.startswith("gptscale."):
+            continue  # a mode a test registered
         parent = module.rpartition(".")[0]
         units[name] = module if parent == "gptscale.runtime" else parent
     return units
