@@ -32,7 +32,6 @@ from gptscale.parallel.topology import Topology
 from gptscale.runtime.optim import lr_at, lr_scheduler, param_groups
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, labels), each (micro_batch, seq_len)
-ZERO3_ONLY = " partitions parameters with ZeRO stage 3; use a stage 3 template (train.ds_config=zero3)"
 
 
 def runtime_class(mode: str) -> type["Runtime"]:
@@ -152,6 +151,14 @@ class Runtime(abc.ABC):
     def on_device(self, batch: Batch) -> Batch:
         """The loader's CPU tensors on this rank's device (DeepSpeed does not move inputs)."""
         return tuple(t.to(self.engine.device, non_blocking=True) for t in batch)
+
+
+class ZeroStage3:
+    """What a mode whose engines are ZeRO stage 3 declares (mixed into its Runtime)."""
+
+    default_template = "zero3"
+    zero_stages = (3,)
+    zero_stages_refusal = " partitions parameters with ZeRO stage 3; use a stage 3 template (train.ds_config=zero3)"
 
 
 class WholeModelRuntime(Runtime):

@@ -7,14 +7,10 @@ only. Steps, evaluation and sampling are those of any whole-model engine (runtim
 from __future__ import annotations
 
 from gptscale.model.gpt import GPT
-from gptscale.runtime.base import ZERO3_ONLY, WholeModelRuntime, seed_all
+from gptscale.runtime.base import WholeModelRuntime, ZeroStage3, seed_all
 
 
-class Zero3Runtime(WholeModelRuntime):
-    default_template = "zero3"
-    zero_stages = (3,)
-    zero_stages_refusal = ZERO3_ONLY
-
+class Zero3Runtime(ZeroStage3, WholeModelRuntime):
     @classmethod
     def describe(cls, cfg, ds_config) -> str:
         return "ZeRO stage 3"
