@@ -17,15 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 
 from gptscale import modes
 from gptscale.errors import ConfigError
 from gptscale.presets import preset_dict
+from gptscale.safe_yaml import load_yaml
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 FAMILIES = ("gpt2", "llama")
+MAX_LAYERS = 10_000  # the deepest published models have a few hundred
+MAX_CONTEXT = 1 << 20  # tokens: RoPE and position tables are built for the whole context
 PIPE_ZERO3_GATHER = ("micro_batch", "step")
 PIPE_PARTITIONS = ("parameters", "blocks")
 
@@ -115,8 +117,11 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
         for name in ("norm_eps", "rope_theta", "init_std"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name}={getattr(self, name)} must be > 0")
+            _require_finite(self, "model", name, above=0.0)
+        for name, most in (("n_layer", MAX_LAYERS), ("block_size", MAX_CONTEXT)):
+            if getattr(self, name) > most:
+                raise ConfigError(f"model.{name}={getattr(self, name)} is beyond what gptscale builds (at most "
+                                  f"{most:,}); is a digit too many?")
 
     def check_tensor_parallel(self, tp: int) -> None:
         """Errors for shapes a tensor-parallel degree `tp` cannot split evenly."""
@@ -208,6 +213,8 @@ class DataConfig:
         if (self.path is None) == (not self.synthetic):
             raise ConfigError("set exactly one of data.path (a folder from 'gptscale data prepare') "
                               "and data.synthetic=true")
+        if self.seed < 0:
+            raise ConfigError(f"data.seed={self.seed} must be >= 0")
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -260,9 +267,22 @@ class TrainConfig:
             raise ConfigError(f"train.precision={self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
         if self.decay not in DECAYS:
             raise ConfigError(f"train.decay={self.decay!r} is unknown; choose one of {', '.join(DECAYS)}")
+        _require_finite(self, "train", "lr", above=0.0)
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"train.min_lr={self.min_lr} must be in [0, train.lr={self.lr}]")
-        for name in ("warmup_steps", "eval_every", "save_every", "sample_tokens", "sample_temperature"):
+        for name in ("weight_decay", "grad_clip", "sample_temperature"):
+            _require_finite(self, "train", name, at_least=0.0)
+        _require_finite(self, "train", "eps", above=0.0)
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.peak_tflops is not None:
+            _require_finite(self, "train", "peak_tflops", above=0.0)
+        if not self.out_dir.strip():
+            raise ConfigError("train.out_dir is empty; name the run folder (e.g. runs/my-run)")
+        if self.seed < 0:
+            raise ConfigError(f"train.seed={self.seed} must be >= 0")
+        for name in ("warmup_steps", "eval_every", "save_every", "sample_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
         if self.sample_top_k < 1:
@@ -289,6 +309,15 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _require_finite(obj: Any, section: str, name: str, *, above: float | None = None,
+                    at_least: float | None = None) -> None:
+    value = getattr(obj, name)
+    if not math.isfinite(value) or (above is not None and not value > above) or (
+            at_least is not None and not value >= at_least):
+        bound = f"> {above}" if above is not None else f">= {at_least}"
+        raise ConfigError(f"{section}.{name}={value} must be a finite number {bound}")
 
 
 def _require_positive(obj: Any, section: str, names: tuple[str, ...]) -> None:
@@ -341,7 +370,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
-    return key.strip().split("."), yaml.safe_load(raw)
+    return key.strip().split("."), load_yaml(raw, f"--set {text!r}")
 
 
 def merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -373,9 +402,10 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}".replace("\n", " ")) from None
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from None
+        data = load_yaml(text, f"config file {str(path)!r}") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     data = merge_overrides(data, list(overrides))
@@ -387,5 +417,7 @@ def _expand_preset(data: dict[str, Any]) -> dict[str, Any]:
     if isinstance(model, dict) and "preset" in model:
         model = dict(model)
         name = model.pop("preset")
+        if not isinstance(name, str):
+            raise ConfigError(f"model.preset={name!r} must be a preset's name (see gptscale presets)")
         data = {**data, "model": {**preset_dict(name), **model}}
     return data

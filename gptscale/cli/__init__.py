@@ -10,6 +10,7 @@ import sys
 
 from gptscale import modes
 from gptscale.cli import data, info, train
+from gptscale.cli.options import OneLineParser
 from gptscale.errors import UserError
 
 DESCRIPTION = f"""\
@@ -28,8 +29,7 @@ commands:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptscale", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="gptscale", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     # The deepspeed launcher passes --local_rank=N before the command; LOCAL_RANK in the
     # environment says the same, and that is what gptscale reads.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from gptscale.cli.options import positive_int
+
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from gptscale.data.sources import ReadOptions, read_documents
@@ -62,7 +64,7 @@ def add_parsers(sub) -> None:
                         description="Train a byte-level BPE (tokenizers library) on local inputs and save "
                                     "tokenizer.json in Hugging Face's format, with <|bos|>, <|eos|>, <|pad|>.")
     _add_read_options(p)
-    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size including the special tokens")
+    p.add_argument("--vocab-size", type=positive_int, required=True, help="vocabulary size including the special tokens")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_train_tokenizer)
 
@@ -76,7 +78,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--shard-size", default="64MB", help="approximate size of one shard (default 64MB)")
     p.add_argument("--val-fraction", type=float, default=0.01,
                    help="fraction of documents held out for validation, chosen by a hash of their name (default 0.01)")
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--workers", type=positive_int, default=None, help="tokenizer processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
@@ -84,5 +86,5 @@ def add_parsers(sub) -> None:
     p = dsub.add_parser("inspect", help="counts and a decoded sample of a prepared folder")
     p.add_argument("folder", help="folder written by 'gptscale data prepare'")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the copy inside FOLDER); must match the manifest")
-    p.add_argument("--tokens", type=int, default=200, help="how many tokens of the sample to decode")
+    p.add_argument("--tokens", type=positive_int, default=200, help="how many tokens of the sample to decode")
     p.set_defaults(func=cmd_inspect)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from gptscale.cli.options import add_config_options
+from gptscale.cli.options import add_config_options, non_negative_float, positive_int
 
 
 def _human(n: float) -> str:
@@ -32,13 +32,11 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import dataclasses
 
-    import torch
     import yaml
 
     from gptscale import config
-    from gptscale.model.counting import count_parameters
-    from gptscale.model.gpt import GPT
-    from gptscale.parallel.topology import RankLayout, TPGroup
+    from gptscale.model.counting import count_parameters, parameters_per_tp_rank
+    from gptscale.parallel.topology import RankLayout
 
     cfg = config.load(args.config, args.set)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
@@ -47,10 +45,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"\nparameters: {counts.total:,} ({_human(counts.total)})")
     for part in ("embedding", "positional", "blocks", "final_norm", "head"):
         print(f"  {part:<11}{getattr(counts, part):>20,}")
-    with torch.device("meta"):  # shapes only: any size fits
-        shard = GPT(m, TPGroup.shape_only(tp))
-    per_rank = sum(p.numel() for p in shard.parameters())
-    print(f"per TP rank at tp={tp}: {per_rank:,} (vocabulary padded to {m.padded_vocab_size(tp):,})")
+    print(f"per TP rank at tp={tp}: {parameters_per_tp_rank(m, tp):,} (vocabulary padded to "
+          f"{m.padded_vocab_size(tp):,})")
     print(f"run mode: {cfg.parallel.resolved_mode}")
     if args.world_size:
         layout = RankLayout.for_world(args.world_size, cfg.parallel)
@@ -75,13 +71,13 @@ def add_parsers(sub) -> None:
                                    "parameter count, the parameters each TP rank holds, the run mode and the "
                                    "rank layout.")
     add_config_options(p)
-    p.add_argument("--world-size", type=int, help="also print the TP/DP/PP groups for this many ranks")
+    p.add_argument("--world-size", type=positive_int, help="also print the TP/DP/PP groups for this many ranks")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("selftest", help="TP=N vs dense on N local CPU ranks",
                        description="Spawn N CPU ranks (gloo), build the tiny GPT-2 and Llama presets with "
                                    "TP=N from the same weights as the dense model, and compare logits, loss, "
                                    "every gradient and generation. Exits 1 if any rank differs by more than 1e-5.")
-    p.add_argument("--ranks", type=int, default=2, help="number of local ranks = TP degree (default 2)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds before the ranks are killed")
+    p.add_argument("--ranks", type=positive_int, default=2, help="number of local ranks = TP degree (default 2)")
+    p.add_argument("--timeout", type=non_negative_float, default=300.0, help="seconds before the ranks are killed")
     p.set_defaults(func=cmd_selftest)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from gptscale.cli.options import add_config_options
+from gptscale.cli.options import add_config_options, non_negative_float, non_negative_int, positive_int
 from gptscale.config import TrainConfig
 
 
@@ -60,10 +60,10 @@ def add_parsers(sub) -> None:
                                    "--tokenizer is given.")
     p.add_argument("--checkpoint", required=True, help="RUN/checkpoints/stepNNNNNNNN")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=TrainConfig.sample_temperature, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=TrainConfig.sample_top_k)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=non_negative_float, default=TrainConfig.sample_temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=positive_int, default=TrainConfig.sample_top_k)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--tokenizer", help="tokenizer folder (default: the one of the training data)")
     p.set_defaults(func=cmd_generate)
 

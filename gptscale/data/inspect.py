@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gptscale.data.shards import matching_tokenizer, read_manifest, split_urls
+from gptscale.data.shards import MANIFEST, matching_tokenizer, read_manifest, shard_checks
 from gptscale.data.stream import read_shard
+from gptscale.errors import DataError
 
 
 def describe(folder: str | Path, tokenizer_path: str | None = None, sample_tokens: int = 200) -> str:
@@ -21,8 +22,11 @@ def describe(folder: str | Path, tokenizer_path: str | None = None, sample_token
         sizes = [s["tokens"] for s in shards] or [0]
         lines.append(f"{split:>5}: {info['documents']:,} documents, {info['tokens']:,} tokens in {len(shards)} shards "
                      f"(tokens per shard min {min(sizes):,} / max {max(sizes):,})")
-    urls = split_urls(folder, "train", manifest)
-    first = read_shard(urls[0], tok["vocab_size"])[0]
-    lines.append(f"\nfirst document of {Path(urls[0]).name} ({first.size} tokens), first {sample_tokens} decoded:")
+    shards = shard_checks(folder, "train", manifest)
+    documents = read_shard(shards[0][0], tok["vocab_size"], shards[0][1]) if shards else []
+    if not documents:
+        raise DataError(f"{Path(folder) / MANIFEST}: the train split holds no documents to show")
+    path, first = shards[0][0], documents[0]
+    lines.append(f"\nfirst document of {Path(path).name} ({first.size} tokens), first {sample_tokens} decoded:")
     lines.append(tokenizer.decode(first[:sample_tokens].tolist()))
     return "\n".join(lines)

@@ -4,6 +4,11 @@ Documents are read in a deterministic order, tokenized in batches by a pool of w
 processes (results come back in order), assigned to train or validation by a hash of
 their stable name, and written as shards. The tokenizer is copied next to the shards so
 the folder is self-contained. The same input gives byte-identical shards.
+
+Preparing a folder again in place (`--tokenizer OUT/tokenizer --out OUT --overwrite`) is
+safe: the tokenizer is copied aside before anything in OUT is touched, the old manifest
+goes first (the folder stops looking complete), and the new tokenizer folder replaces the
+old one by rename at the end.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -25,7 +31,7 @@ from gptscale.data.tokenizer import TextTokenizer
 from gptscale.errors import DataError
 
 TOKENIZER_DIR = "tokenizer"
-_worker_tokenizer: TextTokenizer | None = None
+_worker_tokenizers: dict[str, TextTokenizer] = {}  # per process, by path
 
 
 def is_validation(name: str, val_fraction: float) -> bool:
@@ -47,20 +53,22 @@ def parse_size(text: str) -> int:
     else:
         number, scale = value, 1
     try:
-        size = int(float(number) * scale)
+        size = float(number) * scale
     except ValueError:
-        raise DataError(f"--shard-size {text!r} is not a size; write e.g. 64MB or 500KB") from None
-    return size
+        size = float("nan")
+    if not 1 <= size <= 1 << 40:  # also refuses nan and inf
+        raise DataError(f"--shard-size {text!r} is not a size between 1 byte and 1TB; write e.g. 64MB or 500KB")
+    return int(size)
 
 
-def _init_worker(tokenizer_path: str) -> None:
-    global _worker_tokenizer
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
-    _worker_tokenizer = TextTokenizer.load(tokenizer_path)
-
-
-def _encode(texts: list[str]) -> list[np.ndarray]:
-    return [np.asarray(ids, dtype=np.uint32) for ids in _worker_tokenizer.encode_batch(texts)]
+def _encode(job: tuple[str, list[str]]) -> list[np.ndarray]:
+    """Token ids of a batch of texts. The tokenizer loads inside the task, not in a pool
+    initializer: a failing initializer makes multiprocessing respawn workers forever."""
+    path, texts = job
+    if path not in _worker_tokenizers:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
+        _worker_tokenizers[path] = TextTokenizer.load(path)
+    return [np.asarray(ids, dtype=np.uint32) for ids in _worker_tokenizers[path].encode_batch(texts)]
 
 
 def _batched(documents: Iterable[Document], size: int) -> Iterator[list[Document]]:
@@ -73,27 +81,44 @@ def _tokenized(documents: Iterable[Document], tokenizer: TextTokenizer, workers:
                batch: int = 32) -> Iterator[tuple[Document, np.ndarray]]:
     batches = _batched(documents, batch)
     if workers <= 1:
-        _init_worker(tokenizer.path)
         for docs in batches:
-            yield from zip(docs, _encode([d.text for d in docs]))
+            yield from zip(docs, _encode((tokenizer.path, [d.text for d in docs])))
         return
     # fork would copy a possibly multi-threaded parent; spawn is the safe start method.
     # Batches go out in bounded rounds so memory stays flat on corpora of any size.
-    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tokenizer.path,)) as pool:
+    with mp.get_context("spawn").Pool(workers) as pool:
         for round_ in _batched(batches, 4 * workers):
-            encoded = pool.map(_encode, [[d.text for d in docs] for docs in round_])
+            encoded = pool.map(_encode, [(tokenizer.path, [d.text for d in docs]) for docs in round_])
             for docs, arrays in zip(round_, encoded):
                 yield from zip(docs, arrays)
 
 
 def _clear_output(out: Path, overwrite: bool) -> None:
-    existing = [p for p in out.iterdir() if p.name == MANIFEST or p.suffix == ".tar" or ".tar.tmp-" in p.name]
+    """Remove the shards and manifest of an earlier prepare (with --overwrite), the manifest first."""
+    existing = sorted((p for p in out.iterdir() if p.name == MANIFEST or p.suffix == ".tar" or ".tar.tmp-" in p.name),
+                      key=lambda p: p.name != MANIFEST)
     if existing and not overwrite:
         raise DataError(f"{out} already holds shards or a manifest; pass --overwrite to replace them "
                         f"or choose another --out")
     for p in existing:
         p.unlink()
-    shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
+
+
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    """The tokenizer's JSON files (tokenizer.json and its configs) into a new folder `target`."""
+    shutil.copytree(source, target, ignore=lambda d, names: [n for n in names if not n.endswith(".json")])
+
+
+def _install_tokenizer(source: Path, out: Path) -> None:
+    """OUT/tokenizer replaced by a copy of `source`, by rename (an old one is removed only after)."""
+    staged = out / f"{TOKENIZER_DIR}.tmp-{os.getpid()}"
+    shutil.rmtree(staged, ignore_errors=True)
+    _copy_tokenizer(source, staged)
+    old = out / f"{TOKENIZER_DIR}.old-{os.getpid()}"
+    if (out / TOKENIZER_DIR).exists():
+        os.replace(out / TOKENIZER_DIR, old)
+    os.replace(staged, out / TOKENIZER_DIR)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare(inputs: list[str], tokenizer_path: str, out_dir: str | Path, *, shard_bytes: int = 64 << 20,
@@ -105,9 +130,17 @@ def prepare(inputs: list[str], tokenizer_path: str, out_dir: str | Path, *, shar
     if not inputs:
         raise DataError("no --input given")
     options = options or ReadOptions()
-    tokenizer = TextTokenizer.load(tokenizer_path)
+    with tempfile.TemporaryDirectory(prefix="gptscale-tokenizer-") as aside:
+        # The tokenizer may live inside OUT (OUT/tokenizer): work from a copy made before OUT is touched.
+        _copy_tokenizer(Path(TextTokenizer.load(tokenizer_path).path).parent, Path(aside) / TOKENIZER_DIR)
+        tokenizer = TextTokenizer.load(Path(aside) / TOKENIZER_DIR)
+        return _prepare(inputs, tokenizer, Path(out_dir), shard_bytes, val_fraction, workers, options, overwrite,
+                        progress)
+
+
+def _prepare(inputs: list[str], tokenizer: TextTokenizer, out: Path, shard_bytes: int, val_fraction: float,
+             workers: int | None, options: ReadOptions, overwrite: bool, progress: bool) -> dict:
     dtype = token_dtype(tokenizer.vocab_size)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _clear_output(out, overwrite)
 
@@ -140,8 +173,7 @@ def prepare(inputs: list[str], tokenizer_path: str, out_dir: str | Path, *, shar
     if splits["train"]["documents"] == 0:
         raise DataError(f"inputs {inputs} gave no training documents; check the inputs "
                         f"(and --val-fraction {val_fraction})")
-    shutil.copytree(Path(tokenizer.path).parent, out / TOKENIZER_DIR,
-                    ignore=lambda d, names: [n for n in names if not n.endswith(".json")])
+    _install_tokenizer(Path(tokenizer.path).parent, out)
     manifest = {
         "format": FORMAT,
         "dtype": dtype.name,

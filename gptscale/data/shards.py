@@ -6,12 +6,17 @@ vocabulary fits, else uint32; no end-of-text token: the loader adds it) and `KEY
 (source, name, token count). Tar headers carry no time, owner or host, so the same input
 gives byte-identical shards. Every file is written under a temporary name and renamed
 when complete; the manifest is written last, so a folder with a manifest is complete.
+
+A manifest may come from elsewhere: `read_manifest` checks its whole structure, shard and
+tokenizer names must be plain file names inside the folder (no `pipe:`, `/` or `..`), and
+`split_urls` returns resolved local paths, which the loader opens as plain files.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import re
 import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,9 +28,12 @@ from gptscale.errors import DataError
 
 MANIFEST = "manifest.json"
 FORMAT = "gptscale-shards/1"
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.tar")
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned type holding every id below `vocab_size` (the largest id + 1)."""
     return np.dtype(np.uint16) if vocab_size <= 2 ** 16 else np.dtype(np.uint32)
 
 
@@ -65,6 +73,9 @@ class ShardWriter:
         self._open_docs = self._open_tokens = 0
 
     def add(self, tokens: np.ndarray, meta: dict) -> None:
+        if tokens.size and int(tokens.max()) > np.iinfo(self.dtype).max:
+            raise DataError(f"token id {int(tokens.max())} of {meta.get('name', 'a document')} does not fit the "
+                            f"shards' {self.dtype.name}; the tokenizer has ids beyond its vocabulary size")
         payload = npy_bytes(tokens.astype(self.dtype, copy=False))
         info = json.dumps({**meta, "tokens": int(tokens.size)}, sort_keys=True).encode()
         size = len(payload) + len(info) + 3 * 512  # two headers + padding, roughly
@@ -122,31 +133,69 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
 
 
 def read_manifest(folder: str | Path) -> dict:
+    """The manifest of a prepared folder, its structure checked (it may come from elsewhere)."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise DataError(f"{path}: no manifest; is {str(folder)!r} a folder made by 'gptscale data prepare' "
                         f"(and did it finish)?")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}; re-run 'gptscale data prepare'")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else manifest
+        raise DataError(f"{path}: format {found!r} is not {FORMAT!r}; re-run 'gptscale data prepare'")
+    _check_manifest(manifest, path)
     return manifest
+
+
+def _check_manifest(manifest: dict, path: Path) -> None:
+    def bad(what: str) -> DataError:
+        return DataError(f"{path}: {what}; the manifest is damaged or not gptscale's (re-run 'gptscale data prepare')")
+
+    def need(mapping, key: str, kind, where: str):
+        value = mapping.get(key) if isinstance(mapping, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            raise bad(f"{where}{key} must be {'a non-negative integer' if kind is int else kind.__name__}")
+        return value
+
+    tokenizer = need(manifest, "tokenizer", dict, "")
+    for key in ("vocab_size", "eos_id", "pad_id"):
+        need(tokenizer, key, int, "tokenizer.")
+    need(tokenizer, "sha256", str, "tokenizer.")
+    if not FOLDER_NAME.fullmatch(need(tokenizer, "folder", str, "tokenizer.")):
+        raise bad(f"tokenizer.folder {tokenizer['folder']!r} is not a plain folder name")
+    need(manifest, "dtype", str, "")
+    for split, info in need(manifest, "splits", dict, "").items():
+        for i, shard in enumerate(need(info, "shards", list, f"splits.{split}.")):
+            where = f"splits.{split}.shards[{i}]."
+            name = need(shard, "name", str, where)
+            if not SHARD_NAME.fullmatch(name):
+                raise bad(f"shard name {name!r} is not a plain file name ending in .tar")
+            for key in ("documents", "tokens", "bytes"):
+                need(shard, key, int, where)
+            if not re.fullmatch(r"[0-9a-f]{64}", need(shard, "sha256", str, where)):
+                raise bad(f"{where}sha256 is not a sha256 hex digest")
+
+
+def shard_checks(folder: str | Path, split: str, manifest: dict | None = None) -> list[tuple[str, ShardInfo]]:
+    """(resolved local path, what the manifest says of it) for each shard of a split; each must exist."""
+    manifest = manifest or read_manifest(folder)
+    if split not in manifest["splits"]:
+        raise DataError(f"{Path(folder) / MANIFEST}: no split {split!r} (has {sorted(manifest['splits'])})")
+    root = Path(folder).resolve()
+    found = []
+    for shard in manifest["splits"][split]["shards"]:
+        path = root / shard["name"]  # a plain name (checked): stays inside the folder
+        if not path.is_file():
+            raise DataError(f"shard {path} listed in the manifest is missing; restore it or re-run prepare")
+        found.append((str(path), ShardInfo(**{k: shard[k] for k in ("name", "documents", "tokens", "bytes", "sha256")})))
+    return found
 
 
 def split_urls(folder: str | Path, split: str, manifest: dict | None = None) -> list[str]:
     """Local paths of a split's shards, checking that each exists."""
-    manifest = manifest or read_manifest(folder)
-    if split not in manifest["splits"]:
-        raise DataError(f"{Path(folder) / MANIFEST}: no split {split!r} (has {sorted(manifest['splits'])})")
-    urls = []
-    for shard in manifest["splits"][split]["shards"]:
-        path = Path(folder) / shard["name"]
-        if not path.is_file():
-            raise DataError(f"shard {path} listed in the manifest is missing; restore it or re-run prepare")
-        urls.append(str(path))
-    return urls
+    return [path for path, _ in shard_checks(folder, split, manifest)]
 
 
 def shard_info_dicts(shards: list[ShardInfo]) -> list[dict]:
@@ -158,7 +207,7 @@ def matching_tokenizer(folder: str | Path, manifest: dict, tokenizer_path: str |
     shards; refuses one whose hash differs from the one the shards were made with."""
     from gptscale.data.tokenizer import TextTokenizer
 
-    path = tokenizer_path or Path(folder) / manifest["tokenizer"]["folder"]
+    path = tokenizer_path or Path(folder) / manifest["tokenizer"]["folder"]  # a plain name (read_manifest)
     tokenizer = TextTokenizer.load(path)
     expected = manifest["tokenizer"]["sha256"]
     if tokenizer.sha256 != expected:

@@ -21,13 +21,19 @@ state to the main process, which remembers the state of the last batch it handed
 training loop; DataLoader's round-robin over workers is restored by rotating logical
 worker ids. Resuming replays at most one shuffle group per worker (to rebuild its order).
 
-Only `.npy` (with allow_pickle=False) and `.json` members are decoded; any other member of
-a shard (.pyd, .pickle, ...) is dropped unread, never unpickled.
+Reading a shard trusts nothing in it: members must be named after a document index (digits;
+`../x` or `/abs` names are an error), only `.npy` (with allow_pickle=False) and `.json`
+members are read and decoded (any other member, .pyd, .pickle, ..., is skipped unread), their sizes are checked against a cap before they are read, and the
+shards of a prepared folder are opened as plain files and checked against the manifest's
+sha256 and document count as they are read. Token ids keep their stored width until windows
+are cut. The resume state names shards by content (sha256), so a folder may move.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import re
 import tarfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -38,21 +44,33 @@ import torch
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gptscale.data.shards import MANIFEST, read_manifest, split_urls
+from gptscale.data.shards import MANIFEST, ShardInfo, read_manifest, shard_checks
 from gptscale.errors import DataError
 from gptscale.parallel.layers import IGNORE_INDEX
 
 MIX_BLOCK = 4096
-STATE_VERSION = 1
+STATE_VERSION = 2
+MEMBER_KEY = re.compile(r"\d{1,12}")  # a document's index: digits only, never a path
+MAX_MEMBER_BYTES = {"npy": 256 << 20, "json": 1 << 20}  # a 128M-token document; its metadata
 
 
 @dataclass(frozen=True)
 class Corpus:
-    """One weighted source of shards: `urls` are local paths, `pipe:` commands or http(s) URLs."""
+    """One weighted source of shards: `urls` are local paths, `pipe:` commands or http(s) URLs
+    (as the caller gives them). `shards`, where known (a prepared folder), is what its manifest
+    says of each url: the loader checks every shard against it as it reads."""
 
     urls: tuple[str, ...]
     weight: float = 1.0
     name: str = ""
+    shards: tuple[ShardInfo, ...] | None = None
+
+    def expected(self, url: str) -> ShardInfo | None:
+        return None if self.shards is None else self.shards[self.urls.index(url)]
+
+    def content(self) -> list[str]:
+        """What identifies the data for resuming: the shards' sha256 where known, else the urls."""
+        return [s.sha256 for s in self.shards] if self.shards is not None else list(self.urls)
 
 
 def expand_urls(spec: str | list[str] | tuple[str, ...], split: str = "train") -> list[str]:
@@ -61,7 +79,7 @@ def expand_urls(spec: str | list[str] | tuple[str, ...], split: str = "train") -
     urls: list[str] = []
     for item in specs:
         if Path(item).is_dir() and (Path(item) / MANIFEST).is_file():
-            urls.extend(split_urls(item, split))
+            urls.extend(path for path, _ in shard_checks(item, split))
             continue
         for url in braceexpand(item):
             if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file():
@@ -73,13 +91,18 @@ def expand_urls(spec: str | list[str] | tuple[str, ...], split: str = "train") -
 
 
 def corpus_from(path: str, split: str, weight: float = 1.0) -> Corpus:
+    """A prepared folder's split (checked against its manifest), or shard urls / patterns."""
+    if Path(path).is_dir() and (Path(path) / MANIFEST).is_file():
+        checks = shard_checks(path, split)
+        return Corpus(urls=tuple(p for p, _ in checks), weight=weight, name=f"{path}:{split}",
+                      shards=tuple(info for _, info in checks))
     return Corpus(urls=tuple(expand_urls(path, split)), weight=weight, name=f"{path}:{split}")
 
 
 # -- reading one shard ---------------------------------------------------------------------
 
 class _TailRecorder:
-    """A read-only stream that remembers the last block it returned.
+    """A read-only stream that remembers the last block it returned and hashes what it read.
 
     Python's tarfile treats end-of-file where a header should be as the end of the archive,
     so a tar cut at a member boundary reads as a shorter, valid one. A complete archive
@@ -87,13 +110,19 @@ class _TailRecorder:
     """
 
     def __init__(self, stream):
-        self.stream, self.tail = stream, b""
+        self.stream, self.tail, self.sha256 = stream, b"", hashlib.sha256()
 
     def read(self, size: int = -1) -> bytes:
         data = self.stream.read(size)
         if data:
             self.tail = (self.tail + data)[-512:]
+            self.sha256.update(data)
         return data
+
+    def drain(self) -> None:
+        """Read (and hash) what tarfile left: the end-of-archive padding."""
+        while self.read(1 << 20):
+            pass
 
     def close(self) -> None:
         self.stream.close()
@@ -103,18 +132,25 @@ class _TailRecorder:
         return len(self.tail) == 512 and not any(self.tail)
 
 
-def read_shard(url: str, vocab_size: int) -> list[np.ndarray]:
-    """All documents of a shard as int64 arrays, in file order; clear errors for bad shards."""
-    from webdataset.gopen import gopen
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
+def _open(url: str):
+    """Local paths as plain files; `pipe:` and URLs (given explicitly, never from a manifest) by webdataset."""
+    if "://" in url or url.startswith("pipe:"):
+        from webdataset.gopen import gopen
 
-    docs = []
+        return gopen(url)
+    return open(url, "rb")
+
+
+def read_shard(url: str, vocab_size: int, expected: ShardInfo | None = None) -> list[np.ndarray]:
+    """All documents of a shard as arrays of their stored unsigned dtype, in file order; clear
+    errors for bad shards, and for one that differs from what its manifest says (`expected`)."""
+    docs: list[np.ndarray] = []
     try:
-        stream = _TailRecorder(gopen(url))
+        stream = _TailRecorder(_open(url))
         try:
-            files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-            for sample in group_by_keys(files):
-                docs.append(_decode_tokens(sample, url, vocab_size))
+            for key, members in _documents(tarfile.open(fileobj=stream, mode="r|"), url):
+                docs.append(_decode_tokens(members, key, url, vocab_size))
+            stream.drain()
         finally:
             stream.close()
     except DataError:
@@ -125,16 +161,42 @@ def read_shard(url: str, vocab_size: int) -> list[np.ndarray]:
     if url.endswith(".tar") and not stream.ended_with_marker:
         raise DataError(f"shard {url} is truncated (no end-of-archive marker after {len(docs)} documents): "
                         f"restore it or re-run 'gptscale data prepare'")
+    if expected is not None:
+        digest = stream.sha256.hexdigest()
+        if digest != expected.sha256 or len(docs) != expected.documents:
+            raise DataError(f"shard {url} is not what its manifest lists (sha256 {digest[:12]}... with {len(docs)} "
+                            f"documents, expected {expected.sha256[:12]}... with {expected.documents}): it was changed "
+                            f"or damaged; restore it or re-run 'gptscale data prepare'")
     return docs
 
 
-def _decode_tokens(sample: dict, url: str, vocab_size: int) -> np.ndarray:
-    key = sample.get("__key__")
-    if "npy" not in sample:
-        raise DataError(f"shard {url}: document {key} has no .npy member (members: "
-                        f"{sorted(k for k in sample if not k.startswith('__'))})")
+def _documents(tar: tarfile.TarFile, url: str):
+    """(key, {suffix: bytes}) per document, members read only after their names and sizes pass."""
+    key, members = None, {}
+    with tar:
+        for info in tar:
+            stem, _, suffix = info.name.partition(".")
+            if not (info.isfile() and MEMBER_KEY.fullmatch(stem)):
+                raise DataError(f"shard {url}: member {info.name!r} is not named after a document (digits, then "
+                                f".npy or .json); the shard is not gptscale's")
+            if suffix in MAX_MEMBER_BYTES and info.size > MAX_MEMBER_BYTES[suffix]:
+                raise DataError(f"shard {url}: member {info.name} holds {info.size:,} bytes, more than the "
+                                f"{MAX_MEMBER_BYTES[suffix]:,} a .{suffix} member may have")
+            if stem != key and key is not None:
+                yield key, members
+                members = {}
+            key = stem
+            if suffix in MAX_MEMBER_BYTES:  # .pyd, .pickle, ...: skipped unread, never decoded
+                members[suffix] = tar.extractfile(info).read()
+    if key is not None:
+        yield key, members
+
+
+def _decode_tokens(members: dict, key: str, url: str, vocab_size: int) -> np.ndarray:
+    if "npy" not in members:
+        raise DataError(f"shard {url}: document {key} has no .npy member (members: {sorted(members)})")
     try:
-        tokens = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+        tokens = np.load(io.BytesIO(members["npy"]), allow_pickle=False)
     except ValueError as exc:
         raise DataError(f"shard {url}: document {key}: .npy is not a plain array ({exc})") from None
     if tokens.ndim != 1 or tokens.dtype.kind != "u" or tokens.size == 0:
@@ -143,9 +205,12 @@ def _decode_tokens(sample: dict, url: str, vocab_size: int) -> np.ndarray:
     if int(tokens.max()) >= vocab_size:
         raise DataError(f"shard {url}: document {key} has token id {int(tokens.max())} >= vocab size "
                         f"{vocab_size}; the shards were made with another tokenizer")
-    if "json" in sample:
-        json.loads(sample["json"])  # metadata must at least parse; nothing else is decoded
-    return tokens.astype(np.int64)
+    if "json" in members:
+        try:
+            json.loads(members["json"])  # metadata must at least parse; nothing else is decoded
+        except (ValueError, RecursionError) as exc:
+            raise DataError(f"shard {url}: member {key}.json is not valid JSON ({type(exc).__name__})") from None
+    return tokens
 
 
 # -- positions, documents and windows of one corpus for one worker ------------------------
@@ -197,7 +262,8 @@ class CorpusStream:
         while self.spec.epochs is None or epoch < self.spec.epochs:
             groups = self.groups(epoch)
             for g in range(start.group if epoch == start.epoch else 0, len(groups)):
-                docs = [doc for url in groups[g] for doc in read_shard(url, self.spec.vocab_size)]
+                docs = [doc for url in groups[g]
+                        for doc in read_shard(url, self.spec.vocab_size, self.corpus.expected(url))]
                 order = (self._rng(epoch, self.worker, g).permutation(len(docs)) if self.spec.shuffle_shards
                          else np.arange(len(docs)))
                 first = start.doc if (epoch, g) == (start.epoch, start.group) else 0
@@ -365,17 +431,20 @@ class StreamingLoader:
     def state_dict(self) -> dict:
         plan = self.plan
         return {"version": STATE_VERSION, "dp_rank": plan.dp_rank, "dp_size": plan.dp_size,
-                "num_workers": plan.num_workers, "seed": plan.spec.seed, "corpora": [list(c.urls) for c in plan.corpora],
+                "num_workers": plan.num_workers, "seed": plan.spec.seed, "corpora": [c.content() for c in plan.corpora],
                 "workers": {str(k): v for k, v in self._states.items()}, "next_worker": self._next_worker,
                 "batches": self.batches}
 
     def load_state_dict(self, state: dict) -> None:
         plan = self.plan
-        if state.get("version") != STATE_VERSION:
-            raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
-        if state["corpora"] != [list(c.urls) for c in plan.corpora] or state["seed"] != plan.spec.seed:
-            raise DataError("loader state was saved for other corpora or another seed; resume with the same "
-                            "data config (or start the data stream afresh)")
+        if state.get("version") not in (1, STATE_VERSION):
+            raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION}; this checkpoint "
+                            f"was written by another gptscale version")
+        # Version 1 named the shards by path.
+        content = [list(c.urls) if state["version"] == 1 else c.content() for c in plan.corpora]
+        if state["corpora"] != content or state["seed"] != plan.spec.seed:
+            raise DataError("loader state was saved for other corpora or another seed (shards compared by content); "
+                            "resume with the same data (or start the data stream afresh)")
         self.batches = state["batches"]
         if (state["dp_size"], state["num_workers"]) == (plan.dp_size, plan.num_workers):
             self._states = {int(k): v for k, v in state["workers"].items()}

@@ -6,6 +6,7 @@ BPE with no normaliser round-trips any text exactly: decode(encode(x)) == x.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -77,9 +78,10 @@ class TextTokenizer:
         return cls(tokenizer=tok, eos_id=eos, bos_id=ids.get("bos_token"), pad_id=eos if pad is None else pad,
                    sha256=hashlib.sha256(raw).hexdigest(), path=str(file))
 
-    @property
+    @functools.cached_property
     def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+        """Rows an embedding needs: the largest id + 1 (a tokenizer's ids need not be contiguous)."""
+        return max(self.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids

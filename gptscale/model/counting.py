@@ -61,6 +61,23 @@ def count_parameters(cfg: ModelConfig, padded_vocab: int | None = None) -> Param
     )
 
 
+def parameters_per_tp_rank(cfg: ModelConfig, tp: int) -> int:
+    """Parameters one TP rank of `tp` holds (vocabulary padded for tp): split tensors count
+    1/tp, replicated ones (norms, positions, row-parallel biases) whole. Arithmetic, so any
+    size answers at once; equals sum(p.numel()) of GPT(cfg, TPGroup.shape_only(tp))."""
+    d, f = cfg.n_embd, cfg.ffn_hidden
+    qkv_out = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+    up_projections = 2 if cfg.uses_gated_mlp else 1
+    split = d * qkv_out + cfg.n_head * cfg.head_dim * d + (up_projections + 1) * d * f
+    replicated = 2 * norm_parameters(cfg)
+    if cfg.bias:
+        split += qkv_out + up_projections * f
+        replicated += 2 * d  # the row-parallel biases: attention output and MLP down
+    vocab_rows = cfg.padded_vocab_size(tp) * d * (1 if cfg.tie_embeddings else 2)
+    positions = 0 if cfg.uses_rope else cfg.block_size * d
+    return (cfg.n_layer * (split // tp + replicated) + vocab_rows // tp + positions + norm_parameters(cfg))
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     """Training FLOPs per token (forward + backward): 6N + 12*L*H*Q*T (PaLM, appendix B).
 

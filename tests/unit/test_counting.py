@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from gptscale.config import ModelConfig
-from gptscale.model.counting import count_parameters, flops_per_token
+from gptscale.model.counting import count_parameters, flops_per_token, parameters_per_tp_rank
 from gptscale.model.gpt import GPT
+from gptscale.parallel.topology import TPGroup
 from gptscale.presets import preset_names
 
 # Numbers published by the models' authors (total parameters, tied where the model ties).
@@ -47,3 +48,13 @@ def test_flops_per_token_matches_6n_plus_attention():
     # Tied model: positions cost nothing, the embedding matrix counts once (as the head).
     assert counts.matmul == counts.total - counts.positional
     assert flops_per_token(cfg, 1024) == 6 * counts.matmul + 12 * 12 * 12 * 64 * 1024
+
+
+@pytest.mark.parametrize("name, tp", [("tiny", 1), ("tiny", 4), ("tiny-llama", 2), ("gpt2-124m", 4),
+                                      ("llama-1b", 8), ("llama-70b", 8)])
+def test_per_tp_rank_count_equals_one_rank_s_shard(name, tp):
+    """`gptscale info` answers by arithmetic (a shape with 10,000 layers took 16 s to build on meta)."""
+    cfg = ModelConfig.from_preset(name)
+    with torch.device("meta"):
+        shard = GPT(cfg, TPGroup.shape_only(tp))
+    assert sum(p.numel() for p in shard.parameters()) == parameters_per_tp_rank(cfg, tp)
