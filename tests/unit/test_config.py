@@ -89,3 +89,42 @@ def test_mode_follows_pipeline_degree_unless_set():
     assert config.load(None, ["parallel.mode=pipe"]).parallel.resolved_mode == "pipe"  # one stage is allowed
     assert config.load(None, ["parallel.mode=pipe_zero3", "parallel.pp=2", "model.tie_embeddings=false"]
                        ).parallel.resolved_mode == "pipe_zero3"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.lr=.inf"], "train.lr=inf must be a finite number > 0"),
+    (["train.lr=0"], "train.lr=0.0 must be a finite number > 0"),
+    (["model.norm_eps=.nan"], "model.norm_eps=nan must be a finite number > 0"),
+    (["train.grad_clip=-1"], "train.grad_clip=-1.0 must be a finite number >= 0"),
+    (["train.weight_decay=-0.1"], "train.weight_decay=-0.1 must be a finite number >= 0"),
+    (["train.eps=0"], "train.eps=0.0 must be a finite number > 0"),
+    (["train.beta1=1.0"], "train.beta1=1.0 must be in [0, 1)"),
+    (["train.beta2=-0.5"], "train.beta2=-0.5 must be in [0, 1)"),
+    (["train.out_dir=''"], "train.out_dir is empty"),
+    (["train.seed=-3"], "train.seed=-3 must be >= 0"),
+    (["data.seed=-1"], "data.seed=-1 must be >= 0"),
+    (["train.peak_tflops=0"], "train.peak_tflops=0.0 must be a finite number > 0"),
+    (["train.sample_top_k=0"], "train.sample_top_k=0 must be >= 1"),
+    (["model.n_layer=1000000000"], "model.n_layer=1000000000 is beyond what gptscale builds"),
+    (["model.preset=[1]"], "model.preset=[1] must be a preset's name"),
+    (["train.lr=["], "--set 'train.lr=[' is not valid YAML"),
+    (["train.lr=*x"], "is not valid YAML"),
+])
+def test_numbers_out_of_range_and_bad_yaml_in_overrides(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, ["data.synthetic=true", *overrides])
+    assert message in str(err.value)
+
+
+def test_a_config_file_with_a_key_twice_or_aliases_is_refused(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  steps: 3\ntrain:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match="key 'train' appears twice"):
+        config.load(twice)
+    # 342 bytes that safe_load expands to 9**9 strings (a 'billion laughs').
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="aliases"):
+        config.load(bomb)
