@@ -77,6 +77,12 @@ class ModelConfig:
                 object.__setattr__(self, name, value)
         self.validate()
 
+    @staticmethod
+    def training_only_fields() -> tuple[str, ...]:
+        """Fields that change how the model trains, not what its weights are: a run may resume
+        with other values."""
+        return ("dropout", "activation_checkpointing", "init_std")
+
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
         """The shape of a named preset (see `gptscale presets`), with optional field overrides."""

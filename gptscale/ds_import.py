@@ -3,6 +3,7 @@ CUDA, DeepSpeed must be told to use its CPU accelerator before it is first impor
 gptscale's modules call `import_deepspeed()` instead of `import deepspeed`."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
@@ -32,3 +33,70 @@ def _readable_arch_list() -> None:
     if value:
         entries = re.sub(r"(\d+\.\d+)[af]\b", r"\1", value).replace(";", " ").split()
         os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(dict.fromkeys(entries))
+
+
+# -- reading DeepSpeed's checkpoint files without running code ---------------------------------
+# DeepSpeed unpickles its files with weights_only=False: a file from elsewhere could run any
+# code. These readers allow tensors, plain containers and the few records DeepSpeed itself
+# stores, nothing else (found by torch.serialization.get_unsafe_globals_in_checkpoint on
+# zero3, pipe and pipe_zero3 checkpoints of DeepSpeed 0.19).
+
+def _deepspeed_records() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_without_code(path, map_location=None, **kwargs):
+    """torch.load of one DeepSpeed checkpoint file, refusing anything that is not a tensor, a
+    plain container or one of DeepSpeed's records (CheckpointError naming the file)."""
+    import pickle
+
+    import torch
+
+    from gptscale.errors import CheckpointError
+
+    kwargs.pop("weights_only", None)
+    try:
+        with torch.serialization.safe_globals(_deepspeed_records()):
+            return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} cannot be loaded as a DeepSpeed checkpoint file ({first[:200]}); it is "
+                              f"damaged, or holds Python objects that are not DeepSpeed's (refused, not run)") from None
+
+
+def guard_engine_loads(engine) -> None:
+    """Make this engine read its checkpoint files with `load_without_code` (instance attribute;
+    DeepSpeed's own TorchCheckpointEngine.load unpickles anything)."""
+    engine.checkpoint_engine.load = lambda path, map_location=None: load_without_code(path, map_location)
+
+
+class _TorchLoadingWithoutCode:
+    """The torch module as zero_to_fp32 sees it, with torch.load replaced."""
+
+    def __init__(self, torch_module):
+        self._torch = torch_module
+
+    def __getattr__(self, name):
+        return getattr(self._torch, name)
+
+    @staticmethod
+    def load(path, map_location=None, **kwargs):
+        return load_without_code(path, map_location, **kwargs)
+
+
+@contextlib.contextmanager
+def zero_to_fp32_without_code():
+    """DeepSpeed's zero_to_fp32 module, reading files with `load_without_code` while the block runs."""
+    import_deepspeed()
+    from deepspeed.utils import zero_to_fp32
+
+    real = zero_to_fp32.torch
+    zero_to_fp32.torch = _TorchLoadingWithoutCode(real)
+    try:
+        yield zero_to_fp32
+    finally:
+        zero_to_fp32.torch = real

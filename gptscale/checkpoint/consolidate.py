@@ -18,7 +18,7 @@ from gptscale.checkpoint.layout import (CONFIG, CheckpointMeta, pipeline_layer_f
                                         zero_engine_files)
 from gptscale.config import RunConfig
 from gptscale.convert.tp import merge_tp
-from gptscale.ds_import import import_deepspeed
+from gptscale.ds_import import zero_to_fp32_without_code
 from gptscale.errors import CheckpointError
 from gptscale.model.gpt import GPT
 from gptscale.model.stages import StageLayer, StageModule, layers_with_parameters, stage_bounds, stage_layers
@@ -51,9 +51,6 @@ def consolidate(path: str | Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:
 
 def _zero_fp32(folder: Path, tag: str, tp_rank: int) -> Shard:
     """DeepSpeed's zero_to_fp32 over the files of one TP rank in `folder` (which it knows as `tag`)."""
-    import_deepspeed()
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     files = zero_engine_files(folder, tp_rank)
     if not files:
         raise CheckpointError(f"{folder} holds no DeepSpeed files of TP rank {tp_rank}; the checkpoint is "
@@ -63,7 +60,8 @@ def _zero_fp32(folder: Path, tag: str, tp_rank: int) -> Shard:
         view.mkdir()
         for file in files:
             (view / file.name).symlink_to(file.resolve())
-        return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag)
+        with zero_to_fp32_without_code() as zero_to_fp32:
+            return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag)
 
 
 def _pipeline_layer_shards(ckpt: Path, layers: list[StageLayer], tp: int) -> list[Shard]:

@@ -2,10 +2,11 @@
 
     RUN/checkpoints/
       latest                      the newest complete tag, for tools that expect it
-      step00000300/               one checkpoint (its "tag")
-        COMPLETE.json             written last, by rank 0: step, rank layout, model shape
+      step00000300/               one checkpoint (its "tag"), renamed into place only when complete
+        COMPLETE.json             step, run id, commit number, rank layout, model shape, tokenizer hash
         config.yaml               the resolved run config
-        gptscale_rank00000.pt     per rank: RNG states and data-loader position
+        tokenizer/                the training data's tokenizer (generate needs no other)
+        gptscale_rank00000.safetensors   per rank: RNG states and data-loader position (no pickle)
         ...                       DeepSpeed's own files, organised by the mode's CheckpointFiles:
 
     ONE_ZERO_ENGINE        mp_rank_TT_model_states.pt, zero_pp_rank_D_mp_rank_TT_optim_states.pt, ...
@@ -15,13 +16,16 @@
     ZERO_ENGINE_PER_STAGE  stageSS/ per pipeline stage SS, each holding one ZeRO engine's files as in
                            ONE_ZERO_ENGINE, its parameters named `layers.<i>.<name>` (model.stages)
 
-A mode declares its kind in `gptscale.modes`; this module says where the files of each kind
-are, and nothing here imports the training runtime.
+A save is written into `.stepNNNNNNNN.partial-RUNID/` and renamed to `stepNNNNNNNN/` after
+COMPLETE.json, so a folder under a step's name is always whole. A mode declares its kind in
+`gptscale.modes`; this module says where the files of each kind are, and nothing here
+imports the training runtime.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,8 @@ from gptscale.modes import CheckpointFiles
 COMPLETE = "COMPLETE.json"
 LATEST = "latest"
 CONFIG = "config.yaml"
+TOKENIZER = "tokenizer"
+STEP_FOLDER = re.compile(r"step(\d{8,})")  # a complete checkpoint's folder name
 
 
 @dataclass(frozen=True)
@@ -60,14 +66,21 @@ class Layout:
 
 @dataclass(frozen=True)
 class CheckpointMeta:
-    """What COMPLETE.json records: the step, the layout and the model shape (ModelConfig fields)."""
+    """What COMPLETE.json records: the step, the layout, the model (ModelConfig fields), which
+    run wrote it and when among that folder's saves (`commit`: 1, 2, ...; the newest commit is
+    what auto-resume takes, whatever its step), and the tokenizer's hash (None: synthetic data)."""
 
     step: int
     layout: Layout
     model: dict[str, Any]
+    run_id: str = ""  # empty in checkpoints written before run ids
+    commit: int = 0
+    tokenizer_sha256: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"step": self.step, "layout": self.layout.to_json(), "model": self.model}, indent=2)
+        return json.dumps({"step": self.step, "layout": self.layout.to_json(), "model": self.model,
+                           "run_id": self.run_id, "commit": self.commit, "tokenizer_sha256": self.tokenizer_sha256},
+                          indent=2)
 
     @classmethod
     def read(cls, ckpt: Path) -> "CheckpointMeta":
@@ -81,16 +94,26 @@ class CheckpointMeta:
             raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged") from None
         if not isinstance(data, dict) or type(data.get("step")) is not int or not isinstance(data.get("model"), dict):
             raise CheckpointError(f"{path} lacks an integer 'step' or a 'model' mapping; the checkpoint is damaged")
-        return cls(step=data["step"], layout=Layout.from_json(data.get("layout"), path), model=data["model"])
+        run_id, commit, tokenizer = data.get("run_id", ""), data.get("commit", 0), data.get("tokenizer_sha256")
+        if not isinstance(run_id, str) or type(commit) is not int or not isinstance(tokenizer, (str, type(None))):
+            raise CheckpointError(f"{path}: 'run_id', 'commit' or 'tokenizer_sha256' has the wrong type; the "
+                                  f"checkpoint is damaged")
+        return cls(step=data["step"], layout=Layout.from_json(data.get("layout"), path), model=data["model"],
+                   run_id=run_id, commit=commit, tokenizer_sha256=tokenizer)
 
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
+def staging_dir(folder: Path, step: int, run_id: str) -> Path:
+    """Where a save of `step` is written before it is complete (ignored by every reader)."""
+    return folder / f".{tag_for(step)}.partial-{run_id[:12]}"
+
+
 def rank_state_file(ckpt: Path, rank: int) -> Path:
-    """gptscale's own per-rank state (RNG, data position)."""
-    return ckpt / f"gptscale_rank{rank:05d}.pt"
+    """gptscale's own per-rank state (RNG, data position), as safetensors."""
+    return ckpt / f"gptscale_rank{rank:05d}.safetensors"
 
 
 def stage_dir(ckpt: Path, stage: int) -> Path:

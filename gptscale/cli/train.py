@@ -11,7 +11,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gptscale import config
     from gptscale.train.loop import train
 
-    result = train(config.load(args.config, args.set), resume=args.resume)
+    result = train(config.load(args.config, args.set), resume=args.resume, overwrite_run=args.overwrite_run)
     return 0 if result.steps_done > 0 or result.stopped_by_signal else 1
 
 
@@ -51,7 +51,10 @@ def add_parsers(sub) -> None:
     add_config_options(p)
     p.add_argument("--resume", default="auto",
                    help="auto (default): continue from the newest complete checkpoint in train.out_dir if there "
-                        "is one; none: start fresh; or a checkpoint folder")
+                        "is one; none: start fresh (refused where checkpoints exist, see --overwrite-run); or a "
+                        "checkpoint folder")
+    p.add_argument("--overwrite-run", action="store_true",
+                   help="with --resume none: delete the checkpoints train.out_dir already holds and start afresh")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="sample text from a training checkpoint",

@@ -26,6 +26,7 @@ from gptscale import modes
 from gptscale.checkpoint.layout import engine_location
 from gptscale.checkpoint.weights import load_canonical_params
 from gptscale.config import RunConfig
+from gptscale.ds_import import guard_engine_loads
 from gptscale.modes import ModeSpec
 from gptscale.parallel.primitives import comm_device
 from gptscale.parallel.topology import Topology
@@ -50,6 +51,7 @@ class RuntimeContext:
     ds_config: dict  # assembled for this run (a mode may add DeepSpeed-only settings before building)
     deepspeed: Any  # the imported deepspeed module (gptscale.ds_import)
     trains: Callable[[str], bool]  # the task's choice: does the parameter of this canonical name train?
+    init_from: str | None = None  # canonical weights to start from (None when resuming: the checkpoint has them)
 
 
 class NonFiniteCounter(Protocol):
@@ -117,11 +119,12 @@ class Runtime(abc.ABC):
         self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
 
     def follow_schedule(self, step: int) -> None:
-        """Set the learning rate of `step` under this run's schedule, after a resume: the
-        checkpoint holds the rate its own run's schedule gave, which differs when train.steps
-        (or another schedule field) changed since; the scheduler computes every later step."""
+        """After a resume, follow this run's schedule: the checkpoint holds the rate (and the
+        scheduler's base rate) its own run had, which differ when train.lr, train.steps or
+        another schedule field changed since."""
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr_at(step, self.cfg.train)
+        self.engine.lr_scheduler.base_lrs = [self.cfg.train.lr] * len(self.engine.lr_scheduler.base_lrs)
 
     def train(self) -> None:
         self.engine.train()
@@ -138,11 +141,12 @@ class Runtime(abc.ABC):
         rank of a stage, so replicas start equal): the starting weights of train.init_from, the
         optimizer over the task's trainable parameters with the LR schedule, then the training RNG."""
         cfg, ds = self.cfg, self.ctx.deepspeed
-        if cfg.train.init_from:
-            load_canonical_params(canonical, cfg.model, self.topo.tp_group, cfg.train.init_from, ds)
+        if self.ctx.init_from:
+            load_canonical_params(canonical, cfg.model, self.topo.tp_group, self.ctx.init_from, ds)
         groups = param_groups(model, canonical, cfg.train.weight_decay, self.ctx.trains)
         engine, _, _, _ = ds.initialize(model=model, model_parameters=groups, config=self.ctx.ds_config, mpu=mpu,
                                         lr_scheduler=lr_scheduler(cfg.train))
+        guard_engine_loads(engine)  # its checkpoint files are read without running code
         # Training RNG: shared within a TP group (dropout on the replicated residual stream must
         # agree), different across DP replicas.
         seed_all(cfg.train.seed + 1000 * self.topo.coords.dp + 1)

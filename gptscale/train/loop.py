@@ -8,12 +8,14 @@ the task only through `gptscale.train.tasks`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +26,8 @@ from tqdm import tqdm
 
 from gptscale import modes
 from gptscale.atomic import write_text_atomic
-from gptscale.checkpoint.layout import Layout
-from gptscale.checkpoint.resume import RunCheckpoints, find_resume
+from gptscale.checkpoint.layout import CheckpointMeta, Layout
+from gptscale.checkpoint.resume import RunCheckpoints, clear_run_folder, find_resume, refuse_used_run_folder
 from gptscale.config import RunConfig
 from gptscale.ds_import import import_deepspeed, on_gpu
 from gptscale.launch import init_distributed
@@ -105,7 +107,11 @@ def _quiet_libraries() -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: str = "auto", task: Task | None = None):
+    """resume: auto (the newest checkpoint of train.out_dir, if any), none (a fresh run; refused
+    in a folder holding checkpoints unless overwrite_run, which deletes them) or a checkpoint."""
+
+    def __init__(self, cfg: RunConfig, resume: str = "auto", task: Task | None = None, overwrite_run: bool = False):
+        cfg = _with_absolute_data_path(cfg)  # config.yaml and checkpoints name the data wherever they are read
         self.cfg = cfg
         self.stop = StopRequest()  # first: a preemption notice during start-up must not be lost
         mode = modes.resolve(cfg.parallel.mode, cfg.parallel.pp)
@@ -119,12 +125,18 @@ class Trainer:
         self.is_writer = self.rank == 0
         self.run_dir = Path(cfg.train.out_dir)
         grid = self.topo.layout
-        self.checkpoints = RunCheckpoints(self.run_dir, cfg, Layout(mode=mode.name, tp=grid.tp, pp=grid.pp, dp=grid.dp))
         self.resume_from = find_resume(self.run_dir, resume)
+        if resume == "none":
+            self._start_fresh(overwrite_run)
         self.task = task or Pretraining(cfg)
+        tokenizer = self.task.tokenizer
+        self.checkpoints = RunCheckpoints(self.run_dir, cfg, Layout(mode=mode.name, tp=grid.tp, pp=grid.pp, dp=grid.dp),
+                                          run_id=self._run_id(), tokenizer_file=tokenizer and tokenizer.path,
+                                          tokenizer_sha256=tokenizer and tokenizer.sha256)
         self.ds_config = assemble(cfg, grid.dp, on_gpu(), template)
         context = RuntimeContext(cfg=cfg, mode=mode, topo=self.topo, ds_config=self.ds_config, deepspeed=deepspeed,
-                                 trains=self.task.trains)
+                                 trains=self.task.trains,
+                                 init_from=None if self.resume_from else cfg.train.init_from)
         runtime = runtime_class(mode.name)
         if self.is_writer:
             print(f"gptscale train: {launch.describe()}", flush=True)
@@ -134,20 +146,36 @@ class Trainer:
                   flush=True)
         self.runtime = runtime(context)
 
+    def _start_fresh(self, overwrite_run: bool) -> None:
+        if not overwrite_run:
+            refuse_used_run_folder(self.run_dir)
+        elif self.is_writer:
+            clear_run_folder(self.run_dir)
+        dist.barrier()
+
+    def _run_id(self) -> str:
+        """The resumed checkpoint's run id, or a new one from rank 0 (names staging folders, recorded in COMPLETE.json)."""
+        found = [CheckpointMeta.read(self.resume_from).run_id if self.resume_from else ""]
+        if not found[0]:
+            found = [uuid.uuid4().hex if self.is_writer else None]
+            dist.broadcast_object_list(found, src=0)
+        return found[0]
+
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, t, runtime = self.cfg, self.cfg.train, self.runtime
         batches = self.task.train_batches(self.topo.coords.dp, self.topo.layout.dp)
         held_out = self.task.validation_batches(self.topo.coords.dp, self.topo.layout.dp)
-        step, rank_state = 0, None
+        step, resumed = 0, None
         if self.resume_from is not None:
-            rank_state = self.checkpoints.load(self.resume_from, runtime.load_native)
-            step = int(self.resume_from.name.removeprefix("step"))
+            resumed = self.checkpoints.load(self.resume_from, runtime.load_native)
+            step = resumed.step
             runtime.follow_schedule(step)
-            if rank_state is not None:
-                batches.load_state_dict(rank_state["data"])
+            batches.load_state_dict(resumed.data)
             if self.is_writer:
                 print(f"resumed from {self.resume_from} at step {step}", flush=True)
+                if resumed.changes:
+                    print(f"gptscale train: resuming with changed settings: {'; '.join(resumed.changes)}", flush=True)
         elif self.is_writer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_writer:
@@ -168,10 +196,10 @@ class Trainer:
         nonfinite = NonFinitePolicy(t.max_nonfinite, self.checkpoints)
         if step == 0 and t.eval_every:  # the baseline the validation curve falls from
             result.val_losses[0] = self._evaluate(held_out, 0, metrics, bar, "(before training)")
-        if rank_state is not None:
+        if resumed is not None:
             # Last, right before the first step: the set-up above draws from the generators (the
             # CPU peak measurement, the loaders' seeds), which the saved state already went past.
-            set_rng_state(rank_state["rng"])
+            set_rng_state(resumed.rng)
         runtime.train()
         while step < t.steps:
             start = time.perf_counter()
@@ -222,8 +250,7 @@ class Trainer:
             self.runtime.save_native(ckpt, step)
             self.task.save_extras(ckpt, self.runtime)
 
-        state = {"data": batches.state_dict(), "rng": rng_state()}
-        path = self.checkpoints.save(step, state, write_files)
+        path = self.checkpoints.save(step, batches.state_dict(), rng_state(), write_files)
         if self.is_writer and os.environ.get("GPTSCALE_QUIET_SAVE") is None:
             tqdm.write(f"checkpoint: {path}", file=sys.stderr)
         return path
@@ -237,5 +264,11 @@ class Trainer:
         return sample_from_checkpoint(final, self.cfg) if self.is_writer else None
 
 
-def train(cfg: RunConfig, resume: str = "auto", task: Task | None = None) -> TrainResult:
-    return Trainer(cfg, resume, task).run()
+def _with_absolute_data_path(cfg: RunConfig) -> RunConfig:
+    if cfg.data.path is None:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(Path(cfg.data.path).resolve())))
+
+
+def train(cfg: RunConfig, resume: str = "auto", task: Task | None = None, overwrite_run: bool = False) -> TrainResult:
+    return Trainer(cfg, resume, task, overwrite_run).run()

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from gptscale.checkpoint.consolidate import consolidate
+from gptscale.checkpoint.layout import TOKENIZER, CheckpointMeta
 from gptscale.config import RunConfig, TrainConfig
 from gptscale.convert.tp import split_tp
 from gptscale.data.shards import matching_tokenizer, read_manifest
@@ -28,12 +29,7 @@ def generate_from_checkpoint(checkpoint: str | Path, prompt: str, *, max_new_tok
                              tokenizer: str | None = None) -> str:
     with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every file it reads
         cfg, weights = consolidate(checkpoint)
-    if tokenizer is not None:
-        tok = TextTokenizer.load(tokenizer)
-    elif cfg.data.path is not None:
-        tok = matching_tokenizer(cfg.data.path, read_manifest(cfg.data.path))
-    else:
-        raise ConfigError("the checkpoint was trained on synthetic data; pass --tokenizer")
+    tok = checkpoint_tokenizer(Path(checkpoint), cfg, tokenizer)
     model = GPT(cfg.model)
     model.load_state_dict(split_tp(weights, split_table(model), 1, model.padded_vocab)[0])
     ids = tok.encode(prompt)
@@ -43,6 +39,23 @@ def generate_from_checkpoint(checkpoint: str | Path, prompt: str, *, max_new_tok
     out = generate(model, torch.tensor([ids]), budget, temperature=temperature, top_k=top_k,
                    generator=torch.Generator().manual_seed(seed), stop_token=tok.eos_id)
     return tok.decode(out[0].tolist())
+
+
+def checkpoint_tokenizer(ckpt: Path, cfg: RunConfig, given: str | None) -> TextTokenizer:
+    """The tokenizer a checkpoint was trained with: its own copy, or `given` if it is the same
+    one (by hash), or for older checkpoints the training data's."""
+    expected = CheckpointMeta.read(ckpt).tokenizer_sha256
+    if given is not None:
+        tok = TextTokenizer.load(given)
+        if expected is not None and tok.sha256 != expected:
+            raise ConfigError(f"--tokenizer {given} (sha256 {tok.sha256[:12]}...) is not the tokenizer {ckpt} was "
+                              f"trained with (sha256 {expected[:12]}...); drop --tokenizer to use the checkpoint's copy")
+        return tok
+    if (ckpt / TOKENIZER).is_dir():
+        return TextTokenizer.load(ckpt / TOKENIZER)
+    if cfg.data.path is not None:
+        return matching_tokenizer(cfg.data.path, read_manifest(cfg.data.path))
+    raise ConfigError("the checkpoint was trained on synthetic data; pass --tokenizer")
 
 
 def sample_live(model: GPT, tokenizer, cfg: RunConfig, device) -> str:

@@ -73,10 +73,14 @@ def test_a_checkpoint_cut_by_a_dying_rank_is_never_resumed(tmp_path, shards):
     with pytest.raises(RankFailure):
         run_ranks(_train, 2, overrides, timeout=300, env={**ENV, "GPTSCALE_FAULT": "die_in_save:4:1"})
     run_dir = tmp_path / "crash"
-    assert (run_dir / "checkpoints" / "step00000004").is_dir()
-    assert not (run_dir / "checkpoints" / "step00000004" / COMPLETE).exists()
+    # The save was cut short: its files lie in a staging folder, which no reader takes, and
+    # nothing carries the step's name.
+    [partial] = (run_dir / "checkpoints").glob(".step00000004.partial-*")
+    assert list(partial.glob("*mp_rank_00*")) and not (partial / COMPLETE).exists()
+    assert not (run_dir / "checkpoints" / "step00000004").exists()
     assert find_resume(run_dir, "auto").name == "step00000002"
     assert (run_dir / "checkpoints" / "latest").read_text() == "step00000002"
     resumed = run_ranks(_train, 2, overrides, timeout=300, env=ENV)[0]
     assert sorted(resumed["losses"]) == [3, 4]
+    assert not partial.exists()  # the next commit cleared it
 
