@@ -24,3 +24,7 @@ class LaunchError(UserError, RuntimeError):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint or weights file that is missing, incomplete, or for another model or layout."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """Training produced too many non-finite losses or gradients in a row; the newest good checkpoint is named."""

@@ -196,14 +196,19 @@ def init_distributed(timeout_s: float = 1800.0, rendezvous_timeout_s: float | No
         torch.cuda.set_device(found.local_rank)
     rendezvous = rendezvous_timeout_s or float(os.environ.get("GPTSCALE_RENDEZVOUS_TIMEOUT", 300))
     # torchrun's agent already serves a store at MASTER_ADDR:MASTER_PORT; every rank is its client.
-    is_master = found.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     try:
-        store = dist.TCPStore(found.master_addr, found.master_port, found.world_size, is_master=is_master,
-                              timeout=timedelta(seconds=rendezvous), wait_for_workers=False)
+        store = dist.TCPStore(found.master_addr, found.master_port, found.world_size,
+                              is_master=found.rank == 0 and not agent_store, timeout=timedelta(seconds=rendezvous),
+                              wait_for_workers=False)
     except (RuntimeError, OSError) as exc:
         raise LaunchError(f"rank {found.rank} could not reach rank 0 at {found.master_addr}:{found.master_port} "
                           f"({found.address_from}) within {rendezvous:.0f} s: {str(exc).splitlines()[0]}; check that "
                           f"the address is reachable from every node and the port is free") from None
+    if agent_store:
+        # The agent keeps its store across the rounds of a restarted group (torchrun --max-restarts):
+        # each round gets keys of its own, or it reads the dead round's addresses.
+        store = dist.PrefixStore(f"/gptscale/round_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     dist.init_process_group(backend, store=store, rank=found.rank, world_size=found.world_size,
                             timeout=timedelta(seconds=timeout_s))
     return found

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch.distributed as dist
 import yaml
 
+from gptscale import faults
 from gptscale.atomic import fsync_dir, fsync_tree, write_text_atomic
 from gptscale.checkpoint.layout import (COMPLETE, CONFIG, LATEST, STEP_FOLDER, TOKENIZER, CheckpointMeta, Layout,
                                         rank_state_file, staging_dir, tag_for)
@@ -119,7 +120,7 @@ class RunCheckpoints:
         dist.barrier()
         write_files(staging)
         save_rank_state(rank_state_file(staging, rank), data, rng)
-        _fault_injection(step)
+        faults.in_save(step, rank)
         fsync_tree(staging)  # every rank: whatever it wrote is on disk before rank 0 commits
         dist.barrier()
         failure = [self._commit_or_say_why(staging, step) if rank == 0 else None]
@@ -203,12 +204,3 @@ class RunCheckpoints:
         return [f"{section}.{key}: {saved[section][key]!r} -> {value!r}" for section in ("model", "data", "train")
                 for key, value in now[section].items() if saved[section].get(key) != value]
 
-
-def _fault_injection(step: int) -> None:
-    """GPTSCALE_FAULT=die_in_save:STEP:RANK kills RANK in the middle of saving STEP, as a
-    preempted or crashed node would; the test suite uses it to prove such a save is never resumed."""
-    fault = os.environ.get("GPTSCALE_FAULT", "")
-    if fault.startswith("die_in_save:"):
-        _, at_step, at_rank = fault.split(":")
-        if int(at_step) == step and int(at_rank) == dist.get_rank():
-            os._exit(9)

@@ -34,6 +34,7 @@ import hashlib
 import io
 import json
 import re
+import signal
 import tarfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -383,8 +384,13 @@ class _WorkerBatches(IterableDataset):
                 "worker": worker, "state": state.to_dict()}
 
 
-def _single_thread_worker(_: int) -> None:
+def _loader_worker_init(_: int) -> None:
     torch.set_num_threads(1)
+    # A scheduler's SIGTERM (and SLURM's SIGUSR1) reaches every process of the job: the rank
+    # decides what happens (finish the step, save, stop its workers), not the worker, whose
+    # death would make the rank's DataLoader fail before it could save.
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class StreamingLoader:
@@ -417,7 +423,7 @@ class StreamingLoader:
         readers = max(1, self.plan.num_workers)
         dataset = _WorkerBatches(self.plan, dict(self._states), self._next_worker)
         extra = {} if self.plan.num_workers == 0 else dict(
-            prefetch_factor=self.prefetch_factor, worker_init_fn=_single_thread_worker)
+            prefetch_factor=self.prefetch_factor, worker_init_fn=_loader_worker_init)
         # A generator of its own: torch's default one would give the workers' base seed from the
         # training RNG, at the first batch, and so shift dropout differently in a resumed run.
         generator = torch.Generator().manual_seed(self.plan.spec.seed)

@@ -55,9 +55,8 @@ class RuntimeContext:
 
 
 class NonFiniteCounter(Protocol):
-    """The loop's policy for non-finite losses; a mode that can skip a micro-batch reports each one."""
-
-    def finite(self) -> None: ...
+    """The loop's policy for non-finite losses; a mode that can skip a micro-batch reports each
+    one it skips (the loop judges every whole step itself)."""
 
     def nonfinite(self, step: int, what: str) -> None: ...  # raises after too many in a row
 
@@ -132,6 +131,10 @@ class Runtime(abc.ABC):
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
+    def skipped_steps(self) -> int:
+        """Optimizer steps DeepSpeed has skipped (its overflow check found non-finite gradients)."""
+        return self.engine.skipped_steps
+
     def grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else None
@@ -178,7 +181,6 @@ class WholeModelRuntime(Runtime):
             if not finite_everywhere(loss):
                 nonfinite.nonfinite(step, "micro-batches")
                 continue  # skipped on every rank: no backward, no step
-            nonfinite.finite()
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.item())

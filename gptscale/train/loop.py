@@ -24,12 +24,13 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from gptscale import modes
+from gptscale import faults, modes
 from gptscale.atomic import write_text_atomic
 from gptscale.checkpoint.layout import CheckpointMeta, Layout
 from gptscale.checkpoint.resume import RunCheckpoints, clear_run_folder, find_resume, refuse_used_run_folder
 from gptscale.config import RunConfig
 from gptscale.ds_import import import_deepspeed, on_gpu
+from gptscale.errors import NonFiniteError
 from gptscale.launch import init_distributed
 from gptscale.model.counting import flops_per_token
 from gptscale.parallel.primitives import comm_device
@@ -52,7 +53,12 @@ class TrainResult:
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (SLURM preemption) set a flag; ranks agree on it at each step end."""
+    """SIGTERM / SIGUSR1 (SLURM preemption) set a flag; ranks agree on it at each step end.
+
+    Armed when training begins. During start-up (rendezvous, building, resuming) the signals
+    keep their default action and end the process at once: there is nothing to save, the
+    last checkpoint stays intact, and a rank blocked in a collective stops too (a Python
+    handler would only run once the blocking call returned)."""
 
     def __init__(self):
         self.flag = False
@@ -69,31 +75,51 @@ class StopRequest:
 
 
 class NonFinitePolicy:
-    """Counts non-finite losses; `train.max_nonfinite` in a row stop the run with the last good
-    checkpoint named. A mode that can skip a micro-batch (zero3) reports each one; for the
-    pipeline modes a whole step is applied before its loss is known, so the step is counted."""
+    """Counts non-finite losses and gradient norms; `train.max_nonfinite` in a row stop the run
+    with the newest good checkpoint named, and no checkpoint is saved while a streak is open
+    (so keep-K never rotates good ones out for broken ones). A mode that can skip a micro-batch
+    (zero3) reports each one; otherwise the step is counted. Whether a step was bad is agreed
+    by all ranks (they must agree on saving it)."""
 
     def __init__(self, max_in_a_row: int, checkpoints: RunCheckpoints):
         self.max_in_a_row, self.checkpoints = max_in_a_row, checkpoints
         self.streak, self.total = 0, 0
+        self.exceeded: str | None = None  # the step and kind that ended the run, once it is over
 
     def finite(self) -> None:
         self.streak = 0
 
     def nonfinite(self, step: int, what: str) -> None:
+        """A bad micro-batch (raises at once when there are too many: the step would never end)."""
+        self._count(step, what)
+        self.stop_if_exceeded()
+
+    def _count(self, step: int, what: str) -> None:
         self.streak += 1
         self.total += 1
         if self.streak >= self.max_in_a_row:
-            raise FloatingPointError(
-                f"{self.streak} consecutive {what} had a non-finite loss at step {step}; "
-                f"lower train.lr, raise train.warmup_steps or check the data (last good "
-                f"checkpoint: {self.checkpoints.complete()[-1:]})")
+            self.exceeded = f"{self.streak} consecutive {what} had a non-finite loss or gradient norm at step {step}"
 
-    def after_step(self, loss: float, step: int) -> None:
-        if math.isfinite(loss):
-            self.finite()
+    def after_step(self, loss: float, grad_norm: float | None, skipped: bool, step: int) -> None:
+        """Judge the step just taken (every rank alike): its loss, its gradient norm, and whether
+        DeepSpeed skipped the optimizer step (its own check found non-finite gradients)."""
+        bad = skipped or not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm))
+        flag = torch.tensor([1.0 if bad else 0.0], device=comm_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            self._count(step, "steps")
         else:
-            self.nonfinite(step, "steps")
+            self.finite()
+
+    def stop_if_exceeded(self) -> None:
+        if self.exceeded:
+            newest = self.checkpoints.complete()[-1:]
+            raise NonFiniteError(f"{self.exceeded}; lower train.lr, raise train.warmup_steps or check the data; the "
+                                 f"newest good checkpoint is {newest[0] if newest else 'none'}")
+
+    @property
+    def open(self) -> bool:
+        return self.streak > 0
 
 
 def _quiet_libraries() -> None:
@@ -113,7 +139,6 @@ class Trainer:
     def __init__(self, cfg: RunConfig, resume: str = "auto", task: Task | None = None, overwrite_run: bool = False):
         cfg = _with_absolute_data_path(cfg)  # config.yaml and checkpoints name the data wherever they are read
         self.cfg = cfg
-        self.stop = StopRequest()  # first: a preemption notice during start-up must not be lost
         mode = modes.resolve(cfg.parallel.mode, cfg.parallel.pp)
         template = load_template(cfg)  # a wrong DeepSpeed template fails before any rank waits for another
         deepspeed = import_deepspeed()
@@ -201,28 +226,37 @@ class Trainer:
             # CPU peak measurement, the loaders' seeds), which the saved state already went past.
             set_rng_state(resumed.rng)
         runtime.train()
+        self.stop = StopRequest()
         while step < t.steps:
             start = time.perf_counter()
+            skipped_before = runtime.skipped_steps()
             loss_value = runtime.train_step(iterator, step, nonfinite)
-            nonfinite.after_step(loss_value, step)
+            grad_norm, skipped = runtime.grad_norm(), runtime.skipped_steps() > skipped_before
+            nonfinite.after_step(loss_value, grad_norm, skipped, step + 1)
             step += 1
             elapsed = time.perf_counter() - start
             result.losses[step] = loss_value
             tokens_per_s = tokens_per_step / elapsed
             tflops = flops_token * tokens_per_s / self.topo.layout.world_size / 1e12
             if step % t.log_every == 0 or step == t.steps:
-                metrics.log({"step": step, "loss": loss_value, "lr": runtime.lr(), "grad_norm": runtime.grad_norm(),
+                metrics.log({"step": step, "loss": loss_value, "lr": runtime.lr(), "grad_norm": grad_norm,
                              "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_s,
                              "tflops_per_device": tflops, "mfu": tflops / peak if peak else None,
                              "peak_mem_gb": peak_memory_gb(), "nonfinite_skipped": nonfinite.total,
-                             "step_time_s": elapsed, **runtime.step_metrics()})
+                             "optimizer_step_skipped": skipped, "step_time_s": elapsed, **runtime.step_metrics()})
+            nonfinite.stop_if_exceeded()  # after the step is logged
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                 result.val_losses[step] = self._evaluate(held_out, step, metrics, bar)
+            faults.after_step(step, self.rank)
             signalled = self.stop.agreed()
             if (t.save_every and step % t.save_every == 0) or step == t.steps or signalled:
-                self.save(step, batches)
+                if nonfinite.open:
+                    if self.is_writer:
+                        bar.write(f"not saving step {step}: the last {nonfinite.streak} step(s) were non-finite")
+                else:
+                    self.save(step, batches)
             if signalled:
                 result.stopped_by_signal = True
                 if self.is_writer:

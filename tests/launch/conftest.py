@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from tests.launch.cluster import REPO
+from tests.launch.cluster import REPO, SlurmCluster
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +31,10 @@ train: {{out_dir: {run_dir}, steps: 3, micro_batch: 2, eval_every: 0, eval_batch
         tensorboard: false, sample_tokens: 0, warmup_steps: 1}}
 """)
     return config, run_dir
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """slurmctld + two slurmd (n1, n2) on loopback, for every SLURM test."""
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster

@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from tests.launch.checks import assert_two_ranks_trained
-from tests.launch.cluster import REPO, SlurmCluster, require, run, wait_until
+from tests.launch.cluster import REPO, require, run, wait_until
 
 pytestmark = pytest.mark.launch
 TORCHRUN = str(REPO / "launch" / "torchrun.sh")
@@ -89,12 +89,6 @@ def test_torchrun_two_nodes_in_network_namespaces_c10d_rendezvous(launch_env, ti
     assert codes == [0, 0], output[-4000:]
     assert_two_ranks_trained(run_dir, output, "torchrun")
     assert f"rank 0 at {nets.addrs[0]}:" in output or "rank 0 at 10.77.0." in output, output[-3000:]
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
-        yield cluster
 
 
 def _sbatch(slurm, tmp_path, launch_env, *args, launch="torchrun", timeout=240):

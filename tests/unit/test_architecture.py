@@ -15,7 +15,7 @@ PACKAGE = pathlib.Path(gptscale.__file__).parent
 
 # Bottom to top. A module may import modules of its own layer and of the layers below.
 LAYERS = [
-    ("errors", "atomic", "safe_yaml", "presets", "modes", "config"),
+    ("errors", "faults", "atomic", "safe_yaml", "presets", "modes", "config"),
     ("ds_import", "launch"),
     ("parallel",),
     ("model",),
