@@ -20,13 +20,24 @@ DS_LAUNCHER=${DS_LAUNCHER:-pdsh}
 EXPORT_VARS=${EXPORT_VARS:-"PYTHONPATH DS_ACCELERATOR OMP_NUM_THREADS GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME NCCL_IB_HCA GPTSCALE_RENDEZVOUS_TIMEOUT HF_HOME"}
 
 bin_dir=$(dirname "$("$PYTHON" -c 'import sys; print(sys.executable)')")
-env_file=${DS_ENV_FILE:-$(mktemp "${TMPDIR:-/tmp}/gptscale-deepspeed-env.XXXXXX")}
+if [[ -z "${DS_ENV_FILE:-}" ]]; then
+    env_file=$(mktemp "${TMPDIR:-/tmp}/gptscale-deepspeed-env.XXXXXX")
+    trap 'rm -f "$env_file"' EXIT  # ours: removed when the launcher ends
+else
+    env_file=$DS_ENV_FILE
+fi
 {
     echo "PATH=$bin_dir:$PATH"
     for name in $EXPORT_VARS; do
         if [[ -n "${!name:-}" ]]; then echo "$name=${!name}"; fi
     done
 } > "$env_file"
+# DeepSpeed's pdsh runner puts each value in double quotes on the remote command line, where
+# $( ), backticks, quotes and backslashes would be expanded by the remote shell: refuse them.
+if grep -q '[$`"\\]' "$env_file"; then
+    echo "launch/deepspeed.sh: $(grep -m1 '[$`"\\]' "$env_file" | cut -d= -f1) holds \$, \`, \" or \\, which the remote shell would expand; set it without them" >&2
+    exit 2
+fi
 export DS_ENV_FILE=$env_file  # an absolute path: the launcher reads it instead of ~/.deepspeed_env
 
 args=(--master_port "${MASTER_PORT:-29500}")
@@ -43,4 +54,4 @@ if [[ "$DS_LAUNCHER" == mpich ]]; then
 else
     entry=(--module gptscale.cli)
 fi
-exec "$bin_dir/deepspeed" "${args[@]}" "${entry[@]}" train "$@"
+"$bin_dir/deepspeed" "${args[@]}" "${entry[@]}" train "$@"

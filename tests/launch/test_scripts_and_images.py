@@ -22,6 +22,19 @@ def test_launch_scripts_pass_shellcheck():
     assert done.returncode == 0, done.stdout
 
 
+def test_the_deepspeed_launcher_refuses_values_a_remote_shell_would_run(tmp_path):
+    """DeepSpeed's pdsh runner double-quotes exported values on the remote command line."""
+    import os
+
+    proof = tmp_path / "ran"
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": f"$(touch {proof})", "HOSTFILE": str(tmp_path / "h"),
+           "TMPDIR": str(tmp_path)}
+    done = subprocess.run([str(REPO / "launch" / "deepspeed.sh"), "--config", "x.yaml"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 2 and "PYTHONPATH holds" in done.stderr and not proof.exists()
+    assert not list(tmp_path.glob("gptscale-deepspeed-env.*"))  # its environment file is removed on exit
+
+
 def parse_dockerfile(path: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
     steps, pending = [], ""
