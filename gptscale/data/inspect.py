@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gptscale.data.shards import MANIFEST, matching_tokenizer, read_manifest, shard_checks
-from gptscale.data.stream import read_shard
+from gptscale.data.read import read_shard
 from gptscale.errors import DataError
 
 

@@ -30,12 +30,7 @@ are cut. The resume state names shards by content (sha256), so a folder may move
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import re
 import signal
-import tarfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
@@ -45,14 +40,13 @@ import torch
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gptscale.data.shards import MANIFEST, ShardInfo, read_manifest, shard_checks
+from gptscale.data.read import read_shard
+from gptscale.data.shards import MANIFEST, ShardInfo, shard_checks
 from gptscale.errors import DataError
 from gptscale.parallel.layers import IGNORE_INDEX
 
 MIX_BLOCK = 4096
 STATE_VERSION = 2
-MEMBER_KEY = re.compile(r"\d{1,12}")  # a document's index: digits only, never a path
-MAX_MEMBER_BYTES = {"npy": 256 << 20, "json": 1 << 20}  # a 128M-token document; its metadata
 
 
 @dataclass(frozen=True)
@@ -98,120 +92,6 @@ def corpus_from(path: str, split: str, weight: float = 1.0) -> Corpus:
         return Corpus(urls=tuple(p for p, _ in checks), weight=weight, name=f"{path}:{split}",
                       shards=tuple(info for _, info in checks))
     return Corpus(urls=tuple(expand_urls(path, split)), weight=weight, name=f"{path}:{split}")
-
-
-# -- reading one shard ---------------------------------------------------------------------
-
-class _TailRecorder:
-    """A read-only stream that remembers the last block it returned and hashes what it read.
-
-    Python's tarfile treats end-of-file where a header should be as the end of the archive,
-    so a tar cut at a member boundary reads as a shorter, valid one. A complete archive
-    ends with zero blocks, and tarfile reads the first of them; a cut one does not.
-    """
-
-    def __init__(self, stream):
-        self.stream, self.tail, self.sha256 = stream, b"", hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
-        if data:
-            self.tail = (self.tail + data)[-512:]
-            self.sha256.update(data)
-        return data
-
-    def drain(self) -> None:
-        """Read (and hash) what tarfile left: the end-of-archive padding."""
-        while self.read(1 << 20):
-            pass
-
-    def close(self) -> None:
-        self.stream.close()
-
-    @property
-    def ended_with_marker(self) -> bool:
-        return len(self.tail) == 512 and not any(self.tail)
-
-
-def _open(url: str):
-    """Local paths as plain files; `pipe:` and URLs (given explicitly, never from a manifest) by webdataset."""
-    if "://" in url or url.startswith("pipe:"):
-        from webdataset.gopen import gopen
-
-        return gopen(url)
-    return open(url, "rb")
-
-
-def read_shard(url: str, vocab_size: int, expected: ShardInfo | None = None) -> list[np.ndarray]:
-    """All documents of a shard as arrays of their stored unsigned dtype, in file order; clear
-    errors for bad shards, and for one that differs from what its manifest says (`expected`)."""
-    docs: list[np.ndarray] = []
-    try:
-        stream = _TailRecorder(_open(url))
-        try:
-            for key, members in _documents(tarfile.open(fileobj=stream, mode="r|"), url):
-                docs.append(_decode_tokens(members, key, url, vocab_size))
-            stream.drain()
-        finally:
-            stream.close()
-    except DataError:
-        raise
-    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-        raise DataError(f"shard {url} cannot be read ({type(exc).__name__}: {exc}); it is truncated, corrupt "
-                        f"or missing: restore it or re-run 'gptscale data prepare'") from None
-    if url.endswith(".tar") and not stream.ended_with_marker:
-        raise DataError(f"shard {url} is truncated (no end-of-archive marker after {len(docs)} documents): "
-                        f"restore it or re-run 'gptscale data prepare'")
-    if expected is not None:
-        digest = stream.sha256.hexdigest()
-        if digest != expected.sha256 or len(docs) != expected.documents:
-            raise DataError(f"shard {url} is not what its manifest lists (sha256 {digest[:12]}... with {len(docs)} "
-                            f"documents, expected {expected.sha256[:12]}... with {expected.documents}): it was changed "
-                            f"or damaged; restore it or re-run 'gptscale data prepare'")
-    return docs
-
-
-def _documents(tar: tarfile.TarFile, url: str):
-    """(key, {suffix: bytes}) per document, members read only after their names and sizes pass."""
-    key, members = None, {}
-    with tar:
-        for info in tar:
-            stem, _, suffix = info.name.partition(".")
-            if not (info.isfile() and MEMBER_KEY.fullmatch(stem)):
-                raise DataError(f"shard {url}: member {info.name!r} is not named after a document (digits, then "
-                                f".npy or .json); the shard is not gptscale's")
-            if suffix in MAX_MEMBER_BYTES and info.size > MAX_MEMBER_BYTES[suffix]:
-                raise DataError(f"shard {url}: member {info.name} holds {info.size:,} bytes, more than the "
-                                f"{MAX_MEMBER_BYTES[suffix]:,} a .{suffix} member may have")
-            if stem != key and key is not None:
-                yield key, members
-                members = {}
-            key = stem
-            if suffix in MAX_MEMBER_BYTES:  # .pyd, .pickle, ...: skipped unread, never decoded
-                members[suffix] = tar.extractfile(info).read()
-    if key is not None:
-        yield key, members
-
-
-def _decode_tokens(members: dict, key: str, url: str, vocab_size: int) -> np.ndarray:
-    if "npy" not in members:
-        raise DataError(f"shard {url}: document {key} has no .npy member (members: {sorted(members)})")
-    try:
-        tokens = np.load(io.BytesIO(members["npy"]), allow_pickle=False)
-    except ValueError as exc:
-        raise DataError(f"shard {url}: document {key}: .npy is not a plain array ({exc})") from None
-    if tokens.ndim != 1 or tokens.dtype.kind != "u" or tokens.size == 0:
-        raise DataError(f"shard {url}: document {key} holds {tokens.dtype} {tokens.shape}, "
-                        f"not a non-empty 1-D array of unsigned token ids")
-    if int(tokens.max()) >= vocab_size:
-        raise DataError(f"shard {url}: document {key} has token id {int(tokens.max())} >= vocab size "
-                        f"{vocab_size}; the shards were made with another tokenizer")
-    if "json" in members:
-        try:
-            json.loads(members["json"])  # metadata must at least parse; nothing else is decoded
-        except (ValueError, RecursionError) as exc:
-            raise DataError(f"shard {url}: member {key}.json is not valid JSON ({type(exc).__name__})") from None
-    return tokens
 
 
 # -- positions, documents and windows of one corpus for one worker ------------------------

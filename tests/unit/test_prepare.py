@@ -11,7 +11,7 @@ from gptscale.errors import DataError
 from gptscale.data.prepare import prepare
 from gptscale.data.shards import matching_tokenizer, read_manifest, split_urls
 from gptscale.data.sources import ReadOptions, embedded_documents, read_documents
-from gptscale.data.stream import read_shard
+from gptscale.data.read import read_shard
 from gptscale.data.tokenizer import TextTokenizer, train_tokenizer
 
 

@@ -13,7 +13,8 @@ import webdataset
 
 from gptscale.errors import DataError
 from gptscale.data.shards import npy_bytes
-from gptscale.data.stream import Corpus, StreamingLoader, StreamSpec, read_shard
+from gptscale.data.read import read_shard
+from gptscale.data.stream import Corpus, StreamingLoader, StreamSpec
 from tests.unit.data_helpers import EOS, PAD, split_documents, streams_by_reader, write_shards
 
 VOCAB = 1000

@@ -15,7 +15,8 @@ import pytest
 from gptscale.data.prepare import prepare
 from gptscale.data.shards import MANIFEST, file_sha256, npy_bytes, read_manifest, split_urls
 from gptscale.data.sources import embedded_documents
-from gptscale.data.stream import Corpus, StreamingLoader, StreamSpec, corpus_from, read_shard
+from gptscale.data.read import read_shard
+from gptscale.data.stream import Corpus, StreamingLoader, StreamSpec, corpus_from
 from gptscale.data.tokenizer import train_tokenizer
 from gptscale.errors import DataError
 
