@@ -60,3 +60,31 @@ def test_train_generate_plot_and_refuse_another_shape(tmp_path):
     assert plotted.returncode == 0 and Path(plotted.stdout.strip()).read_bytes()[:4] == b"\x89PNG"
     no_tokenizer = gptscale("generate", "--checkpoint", str(ckpt), "--prompt", "x")
     assert no_tokenizer.returncode != 0 and "pass --tokenizer" in no_tokenizer.stderr
+
+
+def test_sigterm_ends_a_rank_stuck_in_start_up_at_once(tmp_path):
+    """Rank 0 of 2 waits at the rendezvous for a rank 1 that never comes; SIGTERM (a scheduler
+    giving up on the job) must end it now, not after the rendezvous timeout."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**ENV, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GPTSCALE_RENDEZVOUS_TIMEOUT": "600"}
+    rank = subprocess.Popen([sys.executable, "-m", "gptscale.cli", "train", *SMALL, "--set", "data.synthetic=true",
+                             "--set", f"train.out_dir={tmp_path / 'run'}"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        time.sleep(8)  # imports done, waiting for rank 1
+        assert rank.poll() is None
+        rank.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        rank.wait(timeout=30)
+        assert time.monotonic() - sent < 5 and rank.returncode == -signal.SIGTERM
+    finally:
+        if rank.poll() is None:
+            rank.kill()
+            rank.wait()
