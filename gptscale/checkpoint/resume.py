@@ -132,8 +132,8 @@ class RunCheckpoints:
     def _commit_or_say_why(self, staging: Path, step: int) -> str | None:
         try:
             return self._commit(staging, step)
-        except (OSError, CheckpointError) as exc:  # every rank must learn it, or they wait forever
-            return f"committing checkpoint {staging} failed: {exc}"
+        except Exception as exc:  # noqa: BLE001 - every rank must learn it, or they wait forever
+            return f"committing checkpoint {staging} failed: {type(exc).__name__}: {exc}"
 
     def _commit(self, staging: Path, step: int) -> str | None:
         """Rank 0: finish and rename the staged checkpoint; returns an error message or None."""

@@ -45,14 +45,13 @@ def checkpoint_tokenizer(ckpt: Path, cfg: RunConfig, given: str | None) -> TextT
     """The tokenizer a checkpoint was trained with: its own copy, or `given` if it is the same
     one (by hash), or for older checkpoints the training data's."""
     expected = CheckpointMeta.read(ckpt).tokenizer_sha256
-    if given is not None:
-        tok = TextTokenizer.load(given)
+    if given is not None or (ckpt / TOKENIZER).is_dir():
+        tok = TextTokenizer.load(given if given is not None else ckpt / TOKENIZER)
         if expected is not None and tok.sha256 != expected:
-            raise ConfigError(f"--tokenizer {given} (sha256 {tok.sha256[:12]}...) is not the tokenizer {ckpt} was "
-                              f"trained with (sha256 {expected[:12]}...); drop --tokenizer to use the checkpoint's copy")
+            raise ConfigError(f"tokenizer {tok.path} (sha256 {tok.sha256[:12]}...) is not the tokenizer {ckpt} was "
+                              f"trained with (sha256 {expected[:12]}...); use the checkpoint's own copy (no "
+                              f"--tokenizer) or the training data's")
         return tok
-    if (ckpt / TOKENIZER).is_dir():
-        return TextTokenizer.load(ckpt / TOKENIZER)
     if cfg.data.path is not None:
         return matching_tokenizer(cfg.data.path, read_manifest(cfg.data.path))
     raise ConfigError("the checkpoint was trained on synthetic data; pass --tokenizer")

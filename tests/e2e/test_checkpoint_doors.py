@@ -126,4 +126,7 @@ def test_generate_uses_the_checkpoint_s_own_tokenizer_and_refuses_another(tmp_pa
     other = train_tokenizer([text for _, text in embedded_documents("pydoc")][:20], 300, tmp_path / "other_tok")
     one_line_error(gptscale("generate", "--checkpoint", str(ckpt), "--prompt", "x", "--tokenizer",
                             str(other.path)), "is not the tokenizer")
+    # A checkpoint whose own tokenizer copy was swapped is refused the same way.
+    shutil.copy(other.path, ckpt / "tokenizer" / "tokenizer.json")
+    one_line_error(gptscale("generate", "--checkpoint", str(ckpt), "--prompt", "x"), "is not the tokenizer")
 
