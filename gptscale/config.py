@@ -251,7 +251,7 @@ class TrainConfig:
     save_every: int = 0  # steps; 0 = only at the end (and on SIGTERM / SIGUSR1)
     keep_checkpoints: int = 2
     init_from: str | None = None  # canonical safetensors weights to start from
-    max_nonfinite: int = 5  # consecutive NaN/Inf losses before the run stops
+    max_nonfinite: int = 5  # bad steps in a row (NaN/Inf loss or gradient norm, step skipped) that stop the run
     peak_tflops: float | None = None  # per device, for MFU; None: a known GPU's peak, or measured on CPU
     tensorboard: bool = True
     wandb: bool = False

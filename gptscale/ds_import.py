@@ -68,6 +68,25 @@ def load_without_code(path, map_location=None, **kwargs):
                               f"damaged, or holds Python objects that are not DeepSpeed's (refused, not run)") from None
 
 
+def scan_without_code(paths) -> None:
+    """Check DeepSpeed checkpoint files before anything reads them: each must be a torch zip
+    file whose pickle names no class but DeepSpeed's records (nothing is unpickled here)."""
+    import torch
+
+    from gptscale.errors import CheckpointError
+
+    allowed = {f"{c.__module__}.{c.__qualname__}" for c in _deepspeed_records()}
+    for path in paths:
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed
+        except Exception as exc:  # noqa: BLE001 - any failure to parse is a damaged file
+            raise CheckpointError(f"{path} is not a torch checkpoint file ({type(exc).__name__}); it is damaged or "
+                                  f"not DeepSpeed's") from None
+        if unsafe:
+            raise CheckpointError(f"{path} names Python objects that are not DeepSpeed's ({', '.join(sorted(unsafe))}); "
+                                  f"refused, not run")
+
+
 def guard_engine_loads(engine) -> None:
     """Make this engine read its checkpoint files with `load_without_code` (instance attribute;
     DeepSpeed's own TorchCheckpointEngine.load unpickles anything)."""

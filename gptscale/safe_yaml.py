@@ -26,6 +26,11 @@ class _StrictLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.MarkedYAMLError(problem="a key must be a plain value, not a list or mapping",
+                                           problem_mark=key_node.start_mark) from None
             if key in seen:
                 raise yaml.MarkedYAMLError(problem=f"key {key!r} appears twice in one mapping",
                                            problem_mark=key_node.start_mark)

@@ -54,4 +54,15 @@ if [[ "$DS_LAUNCHER" == mpich ]]; then
 else
     entry=(--module gptscale.cli)
 fi
-"$bin_dir/deepspeed" "${args[@]}" "${entry[@]}" train "$@"
+# Not exec'd (the env file is removed on exit), so signals sent to this script are passed on.
+"$bin_dir/deepspeed" "${args[@]}" "${entry[@]}" train "$@" &
+launcher=$!
+trap 'kill -TERM $launcher 2>/dev/null' TERM INT
+trap 'kill -USR1 $launcher 2>/dev/null' USR1
+status=0
+while true; do
+    wait $launcher; status=$?
+    # `wait` returns early (status > 128) when a trapped signal arrives; the launcher goes on.
+    kill -0 $launcher 2>/dev/null || break
+done
+exit $status

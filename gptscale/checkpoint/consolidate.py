@@ -18,7 +18,7 @@ from gptscale.checkpoint.layout import (CONFIG, CheckpointMeta, pipeline_layer_f
                                         zero_engine_files)
 from gptscale.config import RunConfig
 from gptscale.convert.tp import merge_tp
-from gptscale.ds_import import zero_to_fp32_without_code
+from gptscale.ds_import import load_without_code, zero_to_fp32_without_code
 from gptscale.errors import CheckpointError
 from gptscale.model.gpt import GPT
 from gptscale.model.stages import StageLayer, StageModule, layers_with_parameters, stage_bounds, stage_layers
@@ -74,7 +74,7 @@ def _pipeline_layer_shards(ckpt: Path, layers: list[StageLayer], tp: int) -> lis
             if not path.is_file():
                 raise CheckpointError(f"pipeline checkpoint {ckpt} lacks {path.name}; it is incomplete or "
                                       f"was written by another model")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_without_code(path, map_location="cpu")
             shard.update({layers[index].prefix + name: tensor.float() for name, tensor in state.items()})
         shards.append(shard)
     return shards

@@ -38,6 +38,8 @@ LATEST = "latest"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer"
 STEP_FOLDER = re.compile(r"step(\d{8,})")  # a complete checkpoint's folder name
+# A staged save whose COMPLETE.json was written but whose rename a crash prevented is complete too.
+STAGED_FOLDER = re.compile(r"\.step(\d{8,})\.partial-[0-9a-f]+")
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,9 @@ class CheckpointMeta:
                                   f"RUN/checkpoints/stepNNNNNNNN folder")
         try:
             data = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise CheckpointError(f"{path} is not valid JSON ({type(exc).__name__}: {exc}); the checkpoint is "
+                                  f"damaged") from None
         if not isinstance(data, dict) or type(data.get("step")) is not int or not isinstance(data.get("model"), dict):
             raise CheckpointError(f"{path} lacks an integer 'step' or a 'model' mapping; the checkpoint is damaged")
         run_id, commit, tokenizer = data.get("run_id", ""), data.get("commit", 0), data.get("tokenizer_sha256")
@@ -114,6 +117,11 @@ def staging_dir(folder: Path, step: int, run_id: str) -> Path:
 def rank_state_file(ckpt: Path, rank: int) -> Path:
     """gptscale's own per-rank state (RNG, data position), as safetensors."""
     return ckpt / f"gptscale_rank{rank:05d}.safetensors"
+
+
+def legacy_rank_state_file(ckpt: Path, rank: int) -> Path:
+    """The same, as checkpoints before the safetensors format stored it (a pickle)."""
+    return ckpt / f"gptscale_rank{rank:05d}.pt"
 
 
 def stage_dir(ckpt: Path, stage: int) -> Path:

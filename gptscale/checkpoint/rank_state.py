@@ -48,8 +48,27 @@ def load_rank_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                           None if gauss_next is None else float(gauss_next))}
         if not isinstance(meta["data"], dict):
             raise TypeError("data is not a mapping")
+        sizes = (rng["torch"].numel(), len(rng["numpy"][1]), len(rng["python"][1]))
+        if sizes != (torch.get_rng_state().numel(), 624, 625) or rng["python"][0] != 3 or rng["numpy"][0] != "MT19937":
+            raise ValueError(f"RNG states of the wrong kind or size {sizes}")
         return meta["data"], rng
     except (SafetensorError, OSError, KeyError, ValueError, TypeError, RecursionError) as exc:
         raise CheckpointError(f"{path} is not a gptscale rank state ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}); the checkpoint is damaged or was "
                               f"written by another version") from None
+
+
+def load_legacy_rank_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The pickled `gptscale_rankNNNNN.pt` of checkpoints written before the safetensors format,
+    read with weights_only=True: tensors, plain containers and numpy arrays only, no code run."""
+    import pickle
+
+    allowed = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        return state["data"], state["rng"]
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} cannot be read as an earlier gptscale rank state ({first}); it is damaged "
+                              f"or holds more than tensors and arrays (refused, not run)") from None

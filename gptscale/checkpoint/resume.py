@@ -2,17 +2,20 @@
 
 A save of step N is written into a staging folder `.stepN.partial-RUNID/`: every rank writes
 its DeepSpeed files (through the runtime) and its rank state (RNG, data position; no
-pickle), then fsyncs every file and folder it can see. After a barrier, rank 0 checks that
-every rank's state is there, adds config.yaml, the tokenizer and, last, COMPLETE.json, and
-renames the folder to `stepN/` (a folder of that name from before is moved aside first, so
-a crash leaves either the old checkpoint or the new one, never a mix). Then `latest`, and
+pickle), then flushes the file system it wrote to (syncfs: one call per rank, however many
+files). Every rank then learns whether any rank failed (no rank waits forever on one that
+raised). Rank 0 checks that every rank's state is there, adds config.yaml, the tokenizer
+and, last, COMPLETE.json, fsyncs the folders and renames the staging folder to `stepN/`; an
+older `stepN/` is moved aside first. A staged folder with COMPLETE.json counts as complete
+too, so a crash between the renames leaves the new checkpoint readable. Then `latest`, and
 the rotation: the oldest commits beyond train.keep_checkpoints go, never the one just
 written, COMPLETE.json first.
 
 Resume takes the newest *commit* (COMPLETE.json's counter), not the highest step: a run
-resumed from an older checkpoint continues that branch. A fresh start refuses a run folder
-that already holds checkpoints (they would be rotated away, or resumed by mistake) unless
-told to clear it.
+resumed from an older checkpoint continues that branch. Before DeepSpeed reads anything,
+every rank checks its own state and a share of DeepSpeed's files (no code in them), and all
+ranks agree. A fresh start refuses a run folder that already holds checkpoints (they would
+be rotated away, or resumed by mistake) unless told to clear it.
 """
 from __future__ import annotations
 
@@ -27,12 +30,16 @@ import torch.distributed as dist
 import yaml
 
 from gptscale import faults
-from gptscale.atomic import fsync_dir, fsync_tree, write_text_atomic
-from gptscale.checkpoint.layout import (COMPLETE, CONFIG, LATEST, STEP_FOLDER, TOKENIZER, CheckpointMeta, Layout,
-                                        rank_state_file, staging_dir, tag_for)
-from gptscale.checkpoint.rank_state import load_rank_state, save_rank_state
+from gptscale.atomic import fsync_dir, sync_filesystem, write_text_atomic
+from gptscale.checkpoint.layout import (COMPLETE, CONFIG, LATEST, STAGED_FOLDER, STEP_FOLDER, TOKENIZER,
+                                        CheckpointMeta, Layout, legacy_rank_state_file, rank_state_file,
+                                        staging_dir, tag_for)
+from gptscale.checkpoint.rank_state import load_legacy_rank_state, load_rank_state, save_rank_state
 from gptscale.config import RunConfig
-from gptscale.errors import CheckpointError
+from gptscale.ds_import import scan_without_code
+from gptscale.errors import CheckpointError, UserError
+
+RUN_FILES = ("metrics.jsonl", "tensorboard", "loss.png", "config.yaml", "ds_config.json")  # a run's own outputs
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -41,7 +48,8 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
         return []
     found = []
     for path in ckpt_dir.iterdir():
-        if path.is_dir() and STEP_FOLDER.fullmatch(path.name) and (path / COMPLETE).is_file():
+        named = STEP_FOLDER.fullmatch(path.name) or STAGED_FOLDER.fullmatch(path.name)
+        if named and path.is_dir() and (path / COMPLETE).is_file():
             meta = CheckpointMeta.read(path)
             found.append(((meta.commit, meta.step), path))
     return [path for _, path in sorted(found)]
@@ -63,9 +71,10 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
 
 def refuse_used_run_folder(run_dir: Path) -> None:
     """A fresh start (--resume none) must not share a folder with another run's checkpoints."""
-    found = complete_checkpoints(run_dir / "checkpoints")
-    if found:
-        raise CheckpointError(f"{run_dir} already holds checkpoints (newest {found[-1].name}); a fresh run there would "
+    folder = run_dir / "checkpoints"
+    used = sorted(p.name for p in folder.iterdir() if STEP_FOLDER.fullmatch(p.name)) if folder.is_dir() else []
+    if used:
+        raise CheckpointError(f"{run_dir} already holds checkpoints (e.g. {used[-1]}); a fresh run there would "
                               f"rotate them away or be confused with them: resume them (--resume auto), choose "
                               f"another train.out_dir, or pass --overwrite-run to delete them")
 
@@ -78,15 +87,36 @@ def remove_checkpoint(path: Path) -> None:
 
 
 def clear_run_folder(run_dir: Path) -> None:
-    """--overwrite-run: every checkpoint and staging folder of `run_dir` removed."""
+    """--overwrite-run: every checkpoint (complete, staged or damaged) and the run's own outputs removed."""
     folder = run_dir / "checkpoints"
-    for path in complete_checkpoints(folder):
-        remove_checkpoint(path)
     if folder.is_dir():
         for path in folder.iterdir():
-            if path.name.startswith(".step"):
-                shutil.rmtree(path, ignore_errors=True)
+            if path.is_dir() and (STEP_FOLDER.fullmatch(path.name) or path.name.startswith(".step")):
+                remove_checkpoint(path)
         (folder / LATEST).unlink(missing_ok=True)
+    for name in RUN_FILES:
+        path = run_dir / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def agree(error: str | None, what: str) -> None:
+    """Collective: every rank learns whether any rank failed `what`; then all raise the first failure."""
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [(rank, message) for rank, message in enumerate(errors) if message]
+    if failed:
+        rank, message = failed[0]
+        raise CheckpointError(f"{what}, rank {rank}: {message}")
+
+
+def attempt(step: Callable[[], Any]) -> str | None:
+    """Run `step`; its failure as one line (for `agree`), or None."""
+    try:
+        step()
+    except Exception as exc:  # noqa: BLE001 - reported to every rank, not swallowed
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return text if isinstance(exc, UserError) else f"{type(exc).__name__}: {text}"
+    return None
 
 
 @dataclass
@@ -114,46 +144,44 @@ class RunCheckpoints:
         """Every rank: `write_files(folder)` (its DeepSpeed files and whatever else it keeps) and its
         rank state; then rank 0 commits (see above). Returns the checkpoint's path."""
         rank, staging = dist.get_rank(), staging_dir(self.folder, step, self.run_id)
-        if rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)  # a crashed attempt at the same step
+
+        def prepare() -> None:
+            shutil.rmtree(staging, ignore_errors=True)  # a save of this step cut short earlier
             staging.mkdir(parents=True)
-        dist.barrier()
-        write_files(staging)
-        save_rank_state(rank_state_file(staging, rank), data, rng)
-        faults.in_save(step, rank)
-        fsync_tree(staging)  # every rank: whatever it wrote is on disk before rank 0 commits
-        dist.barrier()
-        failure = [self._commit_or_say_why(staging, step) if rank == 0 else None]
+
+        def write() -> None:
+            write_files(staging)
+            save_rank_state(rank_state_file(staging, rank), data, rng)
+            faults.in_save(step, rank)
+            sync_filesystem(staging)  # on disk before rank 0 commits
+
+        agree(attempt(prepare) if rank == 0 else None, f"preparing checkpoint {staging}")
+        agree(attempt(write), f"writing checkpoint {staging}")
+        failure = [attempt(lambda: self._commit(staging, step)) if rank == 0 else None]
         dist.broadcast_object_list(failure, src=0)
         if failure[0]:
-            raise CheckpointError(failure[0])
+            raise CheckpointError(f"committing checkpoint {staging}: {failure[0]}")
         return self.folder / tag_for(step)
 
-    def _commit_or_say_why(self, staging: Path, step: int) -> str | None:
-        try:
-            return self._commit(staging, step)
-        except Exception as exc:  # noqa: BLE001 - every rank must learn it, or they wait forever
-            return f"committing checkpoint {staging} failed: {type(exc).__name__}: {exc}"
-
-    def _commit(self, staging: Path, step: int) -> str | None:
-        """Rank 0: finish and rename the staged checkpoint; returns an error message or None."""
+    def _commit(self, staging: Path, step: int) -> None:
+        """Rank 0: finish, make durable and rename the staged checkpoint, then rotate."""
         missing = [r for r in range(dist.get_world_size()) if not rank_state_file(staging, r).is_file()]
         if missing:
-            return (f"checkpoint {staging} lacks the state of rank(s) {missing} after every rank wrote it: is "
-                    f"train.out_dir on a file system that every node shares?")
-        existing = self.complete()
-        commit = 1 + max((CheckpointMeta.read(p).commit for p in existing), default=0)
+            raise CheckpointError(f"it lacks the state of rank(s) {missing} after every rank wrote it: is "
+                                  f"train.out_dir on a file system that every node shares?")
+        commit = 1 + max((CheckpointMeta.read(p).commit for p in self.complete()), default=0)
         meta = CheckpointMeta(step=step, layout=self.layout, model=dataclasses.asdict(self.cfg.model),
                               run_id=self.run_id, commit=commit, tokenizer_sha256=self.tokenizer_sha256)
         write_text_atomic(staging / CONFIG, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         if self.tokenizer_file is not None:
             shutil.copytree(Path(self.tokenizer_file).parent, staging / TOKENIZER,
                             ignore=lambda d, names: [n for n in names if not n.endswith(".json")])
-            fsync_tree(staging / TOKENIZER)
-        write_text_atomic(staging / COMPLETE, meta.to_json())
-        fsync_dir(staging)
+        for folder, _, _ in os.walk(staging):  # the files are synced; their names now
+            fsync_dir(folder)
+        sync_filesystem(staging)
+        write_text_atomic(staging / COMPLETE, meta.to_json())  # from here the staged folder is complete
         final = self.folder / tag_for(step)
-        if final.exists():  # an older checkpoint of this step: replaced whole, never mixed
+        if final.exists():  # an older checkpoint of this step (another branch): replaced whole, never mixed
             aside = staging.with_name(staging.name + ".replaced")
             os.replace(final, aside)
             os.replace(staging, final)
@@ -166,13 +194,28 @@ class RunCheckpoints:
         for old in self.complete()[:-self.cfg.train.keep_checkpoints]:
             if old != final:
                 remove_checkpoint(old)
-        for stale in self.folder.glob(".step*.partial-*"):  # saves cut short earlier
-            shutil.rmtree(stale, ignore_errors=True)
-        return None
+        for stale in self.folder.glob(".step*.partial-*"):  # saves cut short (a complete one is a checkpoint)
+            if not (stale / COMPLETE).is_file() or stale.name.endswith(".replaced"):
+                shutil.rmtree(stale, ignore_errors=True)
 
     def load(self, path: Path, read_files: Callable[[Path], None]) -> Resumed:
-        """Check that `path` fits this run, `read_files(path)` (restore the engine), and return
-        this rank's state and what changed in the run config."""
+        """Check that `path` fits this run and is safe to read (every rank, agreed), then
+        `read_files(path)` (restore the engine); returns this rank's state and what changed."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        found: dict[str, Any] = {}
+
+        def check() -> None:
+            found["meta"] = self._check_fits(path)
+            found["state"] = self._rank_state(path, rank)
+            shares = sorted(p for p in path.rglob("*.pt") if not p.name.startswith("gptscale_rank"))[rank::world]
+            scan_without_code(shares)
+
+        agree(attempt(check), f"checking checkpoint {path}")
+        read_files(path)
+        meta, (data, rng) = found["meta"], found["state"]
+        return Resumed(step=meta.step, run_id=meta.run_id, data=data, rng=rng, changes=self._changes(path))
+
+    def _check_fits(self, path: Path) -> CheckpointMeta:
         meta = CheckpointMeta.read(path)
         current = dataclasses.asdict(self.cfg.model)
         shape = [k for k in current if k not in self.cfg.model.training_only_fields()]
@@ -185,13 +228,16 @@ class RunCheckpoints:
             raise CheckpointError(f"checkpoint {path} was written with layout {meta.layout.to_json()} but this run "
                                   f"has {self.layout.to_json()}; DeepSpeed ZeRO-3 checkpoints resume on the same "
                                   f"tp/pp/dp layout")
-        rank_file = rank_state_file(path, dist.get_rank())
-        if not rank_file.is_file():
-            raise CheckpointError(f"checkpoint {path} lacks {rank_file.name} (this rank's RNG and data position); "
-                                  f"it is incomplete or was written by an earlier gptscale: resume from another")
-        read_files(path)
-        data, rng = load_rank_state(rank_file)
-        return Resumed(step=meta.step, run_id=meta.run_id, data=data, rng=rng, changes=self._changes(path))
+        return meta
+
+    @staticmethod
+    def _rank_state(path: Path, rank: int) -> tuple[dict, dict]:
+        if rank_state_file(path, rank).is_file():
+            return load_rank_state(rank_state_file(path, rank))
+        if legacy_rank_state_file(path, rank).is_file():
+            return load_legacy_rank_state(legacy_rank_state_file(path, rank))
+        raise CheckpointError(f"checkpoint {path} lacks {rank_state_file(path, rank).name} (this rank's RNG and "
+                              f"data position); it is incomplete: resume from another")
 
     def _changes(self, path: Path) -> list[str]:
         from gptscale import config
@@ -203,4 +249,3 @@ class RunCheckpoints:
         now = self.cfg.to_dict()
         return [f"{section}.{key}: {saved[section][key]!r} -> {value!r}" for section in ("model", "data", "train")
                 for key, value in now[section].items() if saved[section].get(key) != value]
-

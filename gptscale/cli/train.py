@@ -47,14 +47,17 @@ def add_parsers(sub) -> None:
                                    "  deepspeed --num_gpus 8 -m gptscale.cli train --config ...\n"
                                    "  mpirun -np 2 gptscale train --config ...\n"
                                    "Writes metrics.jsonl, TensorBoard events and checkpoints to train.out_dir. "
-                                   "SIGTERM / SIGUSR1 save a checkpoint and exit 0.")
+                                   "Once training runs, SIGTERM / SIGUSR1 make every rank finish the step, save and "
+                                   "exit 0 (during start-up they end the process at once; no checkpoint is saved "
+                                   "while steps are non-finite).")
     add_config_options(p)
     p.add_argument("--resume", default="auto",
                    help="auto (default): continue from the newest complete checkpoint in train.out_dir if there "
                         "is one; none: start fresh (refused where checkpoints exist, see --overwrite-run); or a "
                         "checkpoint folder")
     p.add_argument("--overwrite-run", action="store_true",
-                   help="with --resume none: delete the checkpoints train.out_dir already holds and start afresh")
+                   help="start afresh (implies --resume none), deleting the checkpoints, metrics and TensorBoard "
+                        "events train.out_dir already holds")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="sample text from a training checkpoint",

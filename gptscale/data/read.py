@@ -119,13 +119,7 @@ def _documents(tar: tarfile.TarFile, url: str):
 def _decode_tokens(members: dict, key: str, url: str, vocab_size: int) -> np.ndarray:
     if "npy" not in members:
         raise DataError(f"shard {url}: document {key} has no .npy member (members: {sorted(members)})")
-    try:
-        tokens = np.load(io.BytesIO(members["npy"]), allow_pickle=False)
-    except ValueError as exc:
-        raise DataError(f"shard {url}: document {key}: .npy is not a plain array ({exc})") from None
-    if tokens.ndim != 1 or tokens.dtype.kind != "u" or tokens.size == 0:
-        raise DataError(f"shard {url}: document {key} holds {tokens.dtype} {tokens.shape}, "
-                        f"not a non-empty 1-D array of unsigned token ids")
+    tokens = _token_array(members["npy"], f"shard {url}: document {key}")
     if int(tokens.max()) >= vocab_size:
         raise DataError(f"shard {url}: document {key} has token id {int(tokens.max())} >= vocab size "
                         f"{vocab_size}; the shards were made with another tokenizer")
@@ -135,3 +129,23 @@ def _decode_tokens(members: dict, key: str, url: str, vocab_size: int) -> np.nda
         except (ValueError, RecursionError) as exc:
             raise DataError(f"shard {url}: member {key}.json is not valid JSON ({type(exc).__name__})") from None
     return tokens
+
+
+def _token_array(payload: bytes, where: str) -> np.ndarray:
+    """A .npy member as a 1-D unsigned array, its header checked against its size first (np.load
+    allocates whatever shape the header declares before reading a byte of data)."""
+    stream = io.BytesIO(payload)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(stream)
+    except (ValueError, SyntaxError, TypeError) as exc:
+        raise DataError(f"{where}: .npy is not a plain array ({exc})") from None
+    if dtype.hasobject:
+        raise DataError(f"{where}: .npy is not a plain array (it holds Python objects; never unpickled)")
+    if len(shape) != 1 or dtype.kind != "u" or shape[0] == 0:
+        raise DataError(f"{where} holds {dtype} {shape}, not a non-empty 1-D array of unsigned token ids")
+    if shape[0] * dtype.itemsize != len(payload) - stream.tell():
+        raise DataError(f"{where}: .npy declares {shape[0]:,} {dtype} ids but holds {len(payload) - stream.tell():,} "
+                        f"bytes of data; the member is damaged")
+    return np.frombuffer(payload, dtype=dtype, count=shape[0], offset=stream.tell()).copy()

@@ -160,13 +160,20 @@ def _check_manifest(manifest: dict, path: Path) -> None:
         return value
 
     tokenizer = need(manifest, "tokenizer", dict, "")
-    for key in ("vocab_size", "eos_id", "pad_id"):
-        need(tokenizer, key, int, "tokenizer.")
+    vocab = need(tokenizer, "vocab_size", int, "tokenizer.")
+    for key in ("eos_id", "pad_id"):
+        if need(tokenizer, key, int, "tokenizer.") >= vocab:
+            raise bad(f"tokenizer.{key} {tokenizer[key]} is not below tokenizer.vocab_size {vocab}")
     need(tokenizer, "sha256", str, "tokenizer.")
+    need(manifest, "text_bytes", int, "")
+    if not isinstance(manifest.get("sources"), list) or not all(isinstance(x, str) for x in manifest["sources"]):
+        raise bad("sources must be a list of strings")
     if not FOLDER_NAME.fullmatch(need(tokenizer, "folder", str, "tokenizer.")):
         raise bad(f"tokenizer.folder {tokenizer['folder']!r} is not a plain folder name")
     need(manifest, "dtype", str, "")
     for split, info in need(manifest, "splits", dict, "").items():
+        for key in ("documents", "tokens"):
+            need(info, key, int, f"splits.{split}.")
         for i, shard in enumerate(need(info, "shards", list, f"splits.{split}.")):
             where = f"splits.{split}.shards[{i}]."
             name = need(shard, "name", str, where)
@@ -189,6 +196,9 @@ def shard_checks(folder: str | Path, split: str, manifest: dict | None = None) -
         path = root / shard["name"]  # a plain name (checked): stays inside the folder
         if not path.is_file():
             raise DataError(f"shard {path} listed in the manifest is missing; restore it or re-run prepare")
+        if path.stat().st_size != shard["bytes"]:
+            raise DataError(f"shard {path} holds {path.stat().st_size:,} bytes, {Path(folder) / MANIFEST} lists "
+                            f"{shard['bytes']:,}; it was changed or damaged: restore it or re-run prepare")
         found.append((str(path), ShardInfo(**{k: shard[k] for k in ("name", "documents", "tokens", "bytes", "sha256")})))
     return found
 

@@ -21,12 +21,9 @@ state to the main process, which remembers the state of the last batch it handed
 training loop; DataLoader's round-robin over workers is restored by rotating logical
 worker ids. Resuming replays at most one shuffle group per worker (to rebuild its order).
 
-Reading a shard trusts nothing in it: members must be named after a document index (digits;
-`../x` or `/abs` names are an error), only `.npy` (with allow_pickle=False) and `.json`
-members are read and decoded (any other member, .pyd, .pickle, ..., is skipped unread), their sizes are checked against a cap before they are read, and the
-shards of a prepared folder are opened as plain files and checked against the manifest's
-sha256 and document count as they are read. Token ids keep their stored width until windows
-are cut. The resume state names shards by content (sha256), so a folder may move.
+Shards are read by `data/read.py`, which trusts nothing in them. Token ids keep their stored
+width until windows are cut. The resume state names shards by content (sha256), so a folder
+may move.
 """
 from __future__ import annotations
 
@@ -249,11 +246,17 @@ class _WorkerBatches(IterableDataset):
         rows: list[tuple[np.ndarray, np.ndarray]] = []
         windows = mixed_windows(list(plan.corpora), plan.spec, plan.dp_rank * readers + logical,
                                 plan.dp_size * readers, state)
-        for inputs, labels, state in windows:
-            rows.append((inputs, labels))
-            if len(rows) == plan.micro_batch:
-                yield self._collate(rows, logical, state)
-                rows = []
+        try:
+            for inputs, labels, state in windows:
+                rows.append((inputs, labels))
+                if len(rows) == plan.micro_batch:
+                    yield self._collate(rows, logical, state)
+                    rows = []
+        except DataError as err:
+            # Handed to the rank as data: an exception raised in a loader worker reaches the rank
+            # wrapped in the worker's whole traceback, and the message must stay one line.
+            yield {"error": str(err)}
+            return
         if rows:
             yield self._collate(rows, logical, state)
 
@@ -262,6 +265,27 @@ class _WorkerBatches(IterableDataset):
         return {"input_ids": torch.from_numpy(np.stack([r[0] for r in rows])),
                 "labels": torch.from_numpy(np.stack([r[1] for r in rows])),
                 "worker": worker, "state": state.to_dict()}
+
+
+def _check_state(state) -> None:
+    """A loader state read from a checkpoint has the shape state_dict() gives (or is one error)."""
+    def ints(*values) -> bool:
+        return all(type(v) is int and v >= 0 for v in values)
+
+    try:
+        workers = state["workers"]
+        ok = (ints(state["version"], state["seed"], state["batches"], state["dp_size"], state["num_workers"],
+                   state["next_worker"])
+              and all(isinstance(c, list) and all(isinstance(u, str) for u in c) for c in state["corpora"])
+              and isinstance(workers, dict)
+              and all(k.isdigit() and ints(w["windows"]) and all(
+                  set(p) == {"epoch", "group", "doc", "offset"} and ints(*p.values()) for p in w["positions"])
+                  for k, w in workers.items()))
+    except (KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise DataError("the data loader state in the checkpoint is damaged or not gptscale's; resume from another "
+                        "checkpoint")
 
 
 def _loader_worker_init(_: int) -> None:
@@ -309,6 +333,8 @@ class StreamingLoader:
         generator = torch.Generator().manual_seed(self.plan.spec.seed)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.plan.num_workers, generator=generator, **extra)
         for batch in loader:
+            if "error" in batch:
+                raise DataError(batch["error"])
             self._states[batch["worker"]] = batch["state"]
             self._next_worker = (batch["worker"] + 1) % readers
             self.batches += 1
@@ -323,6 +349,7 @@ class StreamingLoader:
 
     def load_state_dict(self, state: dict) -> None:
         plan = self.plan
+        _check_state(state)
         if state.get("version") not in (1, STATE_VERSION):
             raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION}; this checkpoint "
                             f"was written by another gptscale version")

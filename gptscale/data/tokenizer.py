@@ -102,9 +102,14 @@ def _special_tokens(folder: Path) -> dict[str, str | None]:
             continue
         try:
             data = json.loads(file.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{file}: not valid JSON ({exc})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise DataError(f"{file}: not valid JSON ({type(exc).__name__})") from None
+        if not isinstance(data, dict):
+            raise DataError(f"{file}: not a JSON object of tokenizer settings")
         for key in found:
             value = data.get(key, found[key])
-            found[key] = value.get("content") if isinstance(value, dict) else value
+            value = value.get("content") if isinstance(value, dict) else value
+            if value is not None and not isinstance(value, str):
+                raise DataError(f"{file}: {key} must be a token's text, found {value!r}")
+            found[key] = value
     return found

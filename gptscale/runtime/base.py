@@ -179,7 +179,7 @@ class WholeModelRuntime(Runtime):
             input_ids, labels = self.on_device(next(batches))
             loss = self.engine(input_ids, labels=labels)
             if not finite_everywhere(loss):
-                nonfinite.nonfinite(step, "micro-batches")
+                nonfinite.nonfinite(step + 1, "micro-batches")
                 continue  # skipped on every rank: no backward, no step
             self.engine.backward(loss)
             self.engine.step()

@@ -8,7 +8,7 @@ import torch
 from gptscale.config import RunConfig
 from gptscale.data.shards import matching_tokenizer, read_manifest
 from gptscale.data.stream import StreamingLoader, StreamSpec, corpus_from
-from gptscale.errors import ConfigError
+from gptscale.errors import ConfigError, DataError
 
 
 class SyntheticBatches:
@@ -41,6 +41,8 @@ class SyntheticBatches:
         return {"position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or type(state.get("position")) is not int or state["position"] < 0:
+            raise DataError(f"the synthetic data position in the checkpoint is damaged ({state!r:.80})")
         self.position = state["position"]
 
 

@@ -27,10 +27,11 @@ from tqdm import tqdm
 from gptscale import faults, modes
 from gptscale.atomic import write_text_atomic
 from gptscale.checkpoint.layout import CheckpointMeta, Layout
-from gptscale.checkpoint.resume import RunCheckpoints, clear_run_folder, find_resume, refuse_used_run_folder
+from gptscale.checkpoint.resume import (RunCheckpoints, agree, attempt, clear_run_folder, find_resume,
+                                        refuse_used_run_folder)
 from gptscale.config import RunConfig
 from gptscale.ds_import import import_deepspeed, on_gpu
-from gptscale.errors import NonFiniteError
+from gptscale.errors import CheckpointError, NonFiniteError, UserError
 from gptscale.launch import init_distributed
 from gptscale.model.counting import flops_per_token
 from gptscale.parallel.primitives import comm_device
@@ -150,7 +151,9 @@ class Trainer:
         self.is_writer = self.rank == 0
         self.run_dir = Path(cfg.train.out_dir)
         grid = self.topo.layout
-        self.resume_from = find_resume(self.run_dir, resume)
+        if overwrite_run:
+            resume = "none"
+        self.resume_from = self._agreed_resume(resume)
         if resume == "none":
             self._start_fresh(overwrite_run)
         self.task = task or Pretraining(cfg)
@@ -171,16 +174,32 @@ class Trainer:
                   flush=True)
         self.runtime = runtime(context)
 
+    def _agreed_resume(self, resume: str) -> Path | None:
+        """Rank 0 chooses the checkpoint and tells the others: under NFS caching (or a folder that
+        is not shared) ranks listing it themselves could pick different steps."""
+        found: list = [None, None]
+        if self.is_writer:
+            try:
+                path = find_resume(self.run_dir, resume)
+                found = [str(path) if path else None, None]
+            except UserError as err:
+                found = [None, str(err)]
+        dist.broadcast_object_list(found, src=0)
+        if found[1]:
+            raise CheckpointError(found[1])
+        return Path(found[0]) if found[0] else None
+
     def _start_fresh(self, overwrite_run: bool) -> None:
-        if not overwrite_run:
-            refuse_used_run_folder(self.run_dir)
-        elif self.is_writer:
-            clear_run_folder(self.run_dir)
-        dist.barrier()
+        if self.is_writer:
+            error = attempt(lambda: clear_run_folder(self.run_dir) if overwrite_run
+                            else refuse_used_run_folder(self.run_dir))
+        agree(error if self.is_writer else None, f"starting a fresh run in {self.run_dir}")
 
     def _run_id(self) -> str:
-        """The resumed checkpoint's run id, or a new one from rank 0 (names staging folders, recorded in COMPLETE.json)."""
-        found = [CheckpointMeta.read(self.resume_from).run_id if self.resume_from else ""]
+        """The resumed checkpoint's run id (a checkpoint from this run folder), or a new one from
+        rank 0; it names staging folders and is recorded in COMPLETE.json."""
+        ours = self.resume_from is not None and self.resume_from.resolve().parent == (self.run_dir / "checkpoints").resolve()
+        found = [CheckpointMeta.read(self.resume_from).run_id if ours else ""]
         if not found[0]:
             found = [uuid.uuid4().hex if self.is_writer else None]
             dist.broadcast_object_list(found, src=0)
@@ -201,9 +220,8 @@ class Trainer:
                 print(f"resumed from {self.resume_from} at step {step}", flush=True)
                 if resumed.changes:
                     print(f"gptscale train: resuming with changed settings: {'; '.join(resumed.changes)}", flush=True)
-        elif self.is_writer:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_writer:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             write_text_atomic(self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=2))
 
@@ -251,16 +269,20 @@ class Trainer:
                 result.val_losses[step] = self._evaluate(held_out, step, metrics, bar)
             faults.after_step(step, self.rank)
             signalled = self.stop.agreed()
+            saved = None
             if (t.save_every and step % t.save_every == 0) or step == t.steps or signalled:
                 if nonfinite.open:
                     if self.is_writer:
-                        bar.write(f"not saving step {step}: the last {nonfinite.streak} step(s) were non-finite")
+                        newest = self.checkpoints.complete()[-1:]
+                        bar.write(f"not saving step {step}: the last {nonfinite.streak} step(s) were non-finite; the "
+                                  f"newest good checkpoint is {newest[0] if newest else 'none'}")
                 else:
-                    self.save(step, batches)
+                    saved = self.save(step, batches)
             if signalled:
                 result.stopped_by_signal = True
                 if self.is_writer:
-                    bar.write(f"stop signal: saved step {step} and exiting")
+                    bar.write(f"stop signal: saved step {step} and exiting" if saved else
+                              f"stop signal: exiting without saving step {step} (non-finite steps)")
                 break
         bar.close()
         result.steps_done = step
@@ -294,8 +316,10 @@ class Trainer:
         model = self.runtime.generation_model()
         if model is not None:
             return sample_live(model, self.task.tokenizer, self.cfg, self.runtime.engine.device)
-        final = self.checkpoints.complete()[-1]
-        return sample_from_checkpoint(final, self.cfg) if self.is_writer else None
+        final = self.checkpoints.complete()[-1:]
+        if not self.is_writer:
+            return None
+        return sample_from_checkpoint(final[0], self.cfg) if final else "(no checkpoint to sample from)"
 
 
 def _with_absolute_data_path(cfg: RunConfig) -> RunConfig:

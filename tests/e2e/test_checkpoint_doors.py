@@ -1,6 +1,7 @@
 """Checkpoints through the doors users open: `gptscale train` (resume, fresh start) and
 `gptscale generate` on checkpoint folders that were reused, tampered with or moved."""
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -69,10 +70,21 @@ def test_a_fresh_start_in_a_used_run_folder_is_refused_unless_asked(trained, tmp
     one_line_error(_train(run, "--set", "train.steps=3", "--resume", "none"), "already holds checkpoints",
                    "--overwrite-run")
     assert fingerprint(run / "checkpoints") == before  # nothing touched
-    done = _train(run, "--set", "train.steps=1", "--resume", "none", "--overwrite-run")
+    (run / "checkpoints" / "step00000002" / "COMPLETE.json").write_text("{damaged")  # cleared all the same
+    done = _train(run, "--set", "train.steps=1", "--overwrite-run")
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["step00000001"]
     assert (run / "checkpoints" / "latest").read_text() == "step00000001"
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 1]
+
+
+def test_an_explicit_resume_into_a_new_run_folder_starts_a_new_run(trained, tmp_path):
+    done = _train(tmp_path / "elsewhere", "--set", "train.steps=3", "--resume",
+                  str(trained / "checkpoints" / "step00000002"))
+    assert done.returncode == 0 and "resumed from" in done.stdout, done.stderr[-3000:]
+    new = json.loads((tmp_path / "elsewhere" / "checkpoints" / "step00000003" / "COMPLETE.json").read_text())
+    old = json.loads((trained / "checkpoints" / "step00000002" / "COMPLETE.json").read_text())
+    assert new["run_id"] != old["run_id"]
 
 
 def test_a_pickled_payload_in_a_checkpoint_does_nothing(trained, tmp_path):

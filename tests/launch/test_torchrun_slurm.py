@@ -157,3 +157,25 @@ def test_slurm_preemption_signal_saves_and_requeues(slurm, tmp_path, launch_env,
     # COMPLETING (the old run's steps ending) comes first; then the job waits to start again.
     wait_until(lambda: slurm.job_state(job) in ("PENDING", "REQUEUED", "REQUEUE_HOLD"), 60, "the requeued job")
     slurm.slurm("scancel", job)
+
+
+def test_slurm_sigterm_to_the_batch_script_saves_without_requeue(slurm, tmp_path, launch_env, tiny_run):
+    """SIGTERM to the batch script: it asks the ranks through srun with SIGUSR1 (a SIGTERM to srun
+    would make srun SIGKILL them); they save, and the job ends without a requeue."""
+    import json
+
+    config, run_dir = tiny_run
+    out = tmp_path / "job.out"
+    env = {**launch_env, "SLURM_CONF": str(slurm.conf), "GPTSCALE_HOME": str(REPO), "SLURM_LAUNCH": "srun"}
+    done = run(["sbatch", "--parsable", "-N", "2", "--ntasks-per-node=1", f"--output={out}", "--chdir", str(REPO),
+                str(REPO / "launch" / "slurm" / "pretrain.sbatch"), "--config", str(config),
+                "--set", "train.steps=500"], env=env, timeout=30)
+    job = done.stdout.strip().split(";")[0]
+    metrics = run_dir / "metrics.jsonl"
+    wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 180, "training steps")
+    assert slurm.slurm("scancel", "--signal=TERM", "--batch", job).returncode == 0
+    wait_until(lambda: slurm.job_state(job) in ("COMPLETED", "FAILED", "CANCELLED"), 120, "the job to end")
+    output = out.read_text()
+    assert "stop signal: saved step" in output and "requeueing" not in output, output[-4000:]
+    saved = [p for p in (run_dir / "checkpoints").iterdir() if (p / "COMPLETE.json").is_file()]
+    assert len(saved) == 1 and json.loads((saved[0] / "COMPLETE.json").read_text())["step"] < 500

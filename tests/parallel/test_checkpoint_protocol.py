@@ -40,34 +40,44 @@ def test_a_resume_from_an_older_checkpoint_continues_that_branch(tmp_path):
     assert len({meta["run_id"] for meta in saved.values()}) == 1
 
 
-def _record_fsyncs(overrides):
-    """Rank body: train while recording what os.fsync was called on, in order."""
+def _record_syncs(overrides):
+    """Rank body: train while recording, in order, every os.fsync (by path) and file-system flush."""
+    from gptscale.checkpoint import resume
+
     synced = []
-    real = os.fsync
+    real_fsync, real_flush = os.fsync, resume.sync_filesystem
 
     def fsync(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real(fd)
+        synced.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
 
-    os.fsync = fsync
+    def flush(path):
+        synced.append(("syncfs", str(path)))
+        return real_flush(path)
+
+    os.fsync, resume.sync_filesystem = fsync, flush
     try:
         train_ranks(overrides, "none")
     finally:
-        os.fsync = real
+        os.fsync, resume.sync_filesystem = real_fsync, real_flush
     return synced
 
 
-def test_every_file_is_durable_before_complete_json(tmp_path):
-    results = run_ranks(_record_fsyncs, 2, _steps(tmp_path, "durable", 1), timeout=300, env=ENV)
+def test_everything_is_durable_before_complete_json(tmp_path):
+    """DeepSpeed syncs none of its files: every rank flushes the file system it wrote its part
+    to, and rank 0 syncs every folder of the checkpoint, before COMPLETE.json exists."""
+    results = run_ranks(_record_syncs, 2, _steps(tmp_path, "durable", 1), timeout=300, env=ENV)
     ckpt = tmp_path / "durable" / "checkpoints" / "step00000001"
-    # Rank 0 writes COMPLETE.json; what any rank synced before it, as names inside the staging
-    # folder (atomic writes sync 'NAME.tmp-PID' before renaming it to NAME).
-    synced = results[1] + results[0]  # rank 1 finished its part before rank 0 committed (a barrier)
-    complete = next(i for i, p in enumerate(synced) if re.search(r"/COMPLETE\.json\.tmp-\d+$", p))
-    before = {re.sub(r"\.tmp-\d+$", "", p.split(".partial-", 1)[1].split("/", 1)[1])
-              for p in synced[:complete] if re.search(r"\.partial-[^/]+/.", p)}
-    written = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != "COMPLETE.json"}
-    assert written and written <= before, written - before
+    for synced in results:
+        assert any(kind == "syncfs" and ".step00000001.partial-" in path for kind, path in synced), synced
+    rank0 = results[0]
+    complete = next(i for i, (kind, path) in enumerate(rank0) if re.search(r"/COMPLETE\.json\.tmp-\d+$", path))
+    before = rank0[:complete]
+    staged_folders = {re.sub(r".*\.partial-[^/]+", "", p) or "/" for kind, p in before
+                      if kind == "fsync" and ".partial-" in p and not re.search(r"\.[a-z]+(\.tmp-\d+)?$", p)}
+    folders = {"/" + str(p.relative_to(ckpt)) if p != ckpt else "/" for p in [ckpt, *ckpt.rglob("*")] if p.is_dir()}
+    assert folders <= staged_folders, folders - staged_folders
+    assert any(kind == "syncfs" for kind, _ in before)
 
 
 def test_a_resume_applies_changed_settings_and_says_so(tmp_path, capfd):

@@ -25,11 +25,16 @@ def test_order_is_by_commit_then_step_past_step_10_to_the_8(tmp_path):
     assert find_resume(tmp_path, "auto").name == "step00000005"
 
 
-def test_staging_and_replaced_folders_are_never_checkpoints(tmp_path):
+def test_which_folders_are_checkpoints(tmp_path):
     folder = tmp_path / "checkpoints"
-    _fake(folder, 7, 1, name=".step00000007.partial-abc")
-    _fake(folder, 8, 2, name="step00000008.old")
+    _fake(folder, 8, 1, name="step00000008.old")  # not a checkpoint's name
+    _fake(folder, 9, 2, name=".step00000009.partial-abc.replaced")  # superseded, on its way out
+    (folder / ".step00000010.partial-abc").mkdir()  # a save cut short: no COMPLETE.json
     assert complete_checkpoints(folder) == [] and find_resume(tmp_path, "auto") is None
+    # A staged save with COMPLETE.json whose rename a crash prevented is complete, and newest.
+    _fake(folder, 5, 3)
+    staged = _fake(folder, 11, 4, name=".step00000011.partial-abc")
+    assert find_resume(tmp_path, "auto") == staged
 
 
 @pytest.mark.parametrize("text, needle", [

@@ -109,6 +109,7 @@ def test_mode_follows_pipeline_degree_unless_set():
     (["model.preset=[1]"], "model.preset=[1] must be a preset's name"),
     (["train.lr=["], "--set 'train.lr=[' is not valid YAML"),
     (["train.lr=*x"], "is not valid YAML"),
+    (["train.lr={[1]: 2}"], "a key must be a plain value"),
 ])
 def test_numbers_out_of_range_and_bad_yaml_in_overrides(overrides, message):
     with pytest.raises(ConfigError) as err:

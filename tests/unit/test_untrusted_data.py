@@ -195,6 +195,9 @@ def test_metadata_nested_too_deep_is_one_error(tmp_path):
     (lambda m: m["tokenizer"].update(folder="../../tok"), "tokenizer"),
     (lambda m: m["tokenizer"].update(vocab_size="many"), "vocab_size"),
     (lambda m: m["splits"]["train"]["shards"][0].update(sha256=7), "sha256"),
+    (lambda m: m["tokenizer"].update(eos_id=10 ** 6), "eos_id"),
+    (lambda m: m.pop("sources"), "sources"),
+    (lambda m: m["splits"]["train"]["shards"][0].update(bytes=1), "bytes"),
 ])
 def test_a_malformed_manifest_is_one_error(folder, edit, needle):
     _rewrite_manifest(folder, edit)
@@ -206,3 +209,24 @@ def test_a_corpus_from_explicit_urls_still_reads_pipes_and_plain_files(folder):
     local = split_urls(folder, "train")[0]
     assert [d.tolist() for d in read_shard(f"pipe:cat {local}", 300)] == [d.tolist() for d in read_shard(local, 300)]
     assert Corpus((local,)).urls == (local,)
+
+
+def test_a_npy_header_declaring_a_huge_array_is_refused_before_allocating(tmp_path):
+    shard = tmp_path / "train-000000.tar"
+    payload = npy_bytes(np.array([5, 6], dtype=np.uint32)).replace(b"(2,)", b"(1099511627776,)")
+    _tar(shard, [("0000000000.npy", payload, None)])
+    with pytest.raises(DataError, match="declares 1,099,511,627,776 uint32 ids"):
+        read_shard(str(shard), 100)
+
+
+def test_a_bad_shard_read_by_a_loader_worker_is_one_line(folder, tokenizer):
+    shard = folder / read_manifest(folder)["splits"]["train"]["shards"][0]["name"]
+    raw = bytearray(shard.read_bytes())
+    raw[raw.index(b"\x93NUMPY") + 130] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    spec = StreamSpec(seq_len=16, vocab_size=300, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=3,
+                      shuffle_shards=0)
+    loader = StreamingLoader([corpus_from(str(folder), "train")], spec, micro_batch=2, num_workers=1)
+    with pytest.raises(DataError) as err:
+        next(iter(loader))
+    assert "\n" not in str(err.value) and shard.name in str(err.value) and "sha256" in str(err.value)
