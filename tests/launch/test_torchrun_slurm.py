@@ -135,25 +135,33 @@ def test_torchrun_across_nodes_without_master_addr_is_refused(launch_env, tiny_r
            "not set" in done.stderr
 
 
-def test_slurm_preemption_signal_saves_and_requeues(slurm, tmp_path, launch_env, tiny_run):
-    """SIGUSR1 to the batch script (what --signal=B:USR1@120 sends before the time limit) goes
-    through srun and torchrun to the ranks, which save and exit 0; the job is requeued."""
+def _long_job_signalled(slurm, tmp_path, launch_env, tiny_run, signal, **env):
+    """A 500-step job on 2 nodes, sent `signal` at its batch script once it trains: (job id, its
+    output file, the single checkpoint it saved)."""
     import json
 
     config, run_dir = tiny_run
     out = tmp_path / "job.out"
-    env = {**launch_env, "SLURM_CONF": str(slurm.conf), "GPTSCALE_HOME": str(REPO)}
+    env = {**launch_env, "SLURM_CONF": str(slurm.conf), "GPTSCALE_HOME": str(REPO), **env}
     done = run(["sbatch", "--parsable", "-N", "2", "--ntasks-per-node=1", f"--output={out}", "--chdir", str(REPO),
                 str(REPO / "launch" / "slurm" / "pretrain.sbatch"), "--config", str(config),
                 "--set", "train.steps=500"], env=env, timeout=30)
     job = done.stdout.strip().split(";")[0]
     metrics = run_dir / "metrics.jsonl"
     wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 180, "training steps")
-    assert slurm.slurm("scancel", "--signal=USR1", "--batch", job).returncode == 0
-    wait_until(lambda: "requeueing job" in (out.read_text() if out.exists() else ""), 120, "save and requeue")
-    assert "stop signal: saved step" in out.read_text()
+    assert slurm.slurm("scancel", f"--signal={signal}", "--batch", job).returncode == 0
+    wait_until(lambda: "stop signal:" in (out.read_text() if out.exists() else ""), 120, "the ranks to stop")
     saved = [p for p in (run_dir / "checkpoints").iterdir() if (p / "COMPLETE.json").is_file()]
     assert len(saved) == 1 and json.loads((saved[0] / "COMPLETE.json").read_text())["step"] < 500
+    return job, out
+
+
+def test_slurm_preemption_signal_saves_and_requeues(slurm, tmp_path, launch_env, tiny_run):
+    """SIGUSR1 to the batch script (what --signal=B:USR1@120 sends before the time limit) goes
+    through srun and torchrun to the ranks, which save and exit 0; the job is requeued."""
+    job, out = _long_job_signalled(slurm, tmp_path, launch_env, tiny_run, "USR1")
+    wait_until(lambda: "requeueing job" in out.read_text(), 120, "the requeue")
+    assert "stop signal: saved step" in out.read_text()
     # COMPLETING (the old run's steps ending) comes first; then the job waits to start again.
     wait_until(lambda: slurm.job_state(job) in ("PENDING", "REQUEUED", "REQUEUE_HOLD"), 60, "the requeued job")
     slurm.slurm("scancel", job)
@@ -162,20 +170,7 @@ def test_slurm_preemption_signal_saves_and_requeues(slurm, tmp_path, launch_env,
 def test_slurm_sigterm_to_the_batch_script_saves_without_requeue(slurm, tmp_path, launch_env, tiny_run):
     """SIGTERM to the batch script: it asks the ranks through srun with SIGUSR1 (a SIGTERM to srun
     would make srun SIGKILL them); they save, and the job ends without a requeue."""
-    import json
-
-    config, run_dir = tiny_run
-    out = tmp_path / "job.out"
-    env = {**launch_env, "SLURM_CONF": str(slurm.conf), "GPTSCALE_HOME": str(REPO), "SLURM_LAUNCH": "srun"}
-    done = run(["sbatch", "--parsable", "-N", "2", "--ntasks-per-node=1", f"--output={out}", "--chdir", str(REPO),
-                str(REPO / "launch" / "slurm" / "pretrain.sbatch"), "--config", str(config),
-                "--set", "train.steps=500"], env=env, timeout=30)
-    job = done.stdout.strip().split(";")[0]
-    metrics = run_dir / "metrics.jsonl"
-    wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 180, "training steps")
-    assert slurm.slurm("scancel", "--signal=TERM", "--batch", job).returncode == 0
+    job, out = _long_job_signalled(slurm, tmp_path, launch_env, tiny_run, "TERM", SLURM_LAUNCH="srun")
     wait_until(lambda: slurm.job_state(job) in ("COMPLETED", "FAILED", "CANCELLED"), 120, "the job to end")
     output = out.read_text()
     assert "stop signal: saved step" in output and "requeueing" not in output, output[-4000:]
-    saved = [p for p in (run_dir / "checkpoints").iterdir() if (p / "COMPLETE.json").is_file()]
-    assert len(saved) == 1 and json.loads((saved[0] / "COMPLETE.json").read_text())["step"] < 500
