@@ -2,7 +2,6 @@
 must not run commands, read outside its folder, train silently on flipped bits, exhaust
 memory or wrap token ids; preparing a folder in place must not destroy it.
 Most go through the CLI, as a user would run them (one line, exit code 2)."""
-import io
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from gptscale.data.prepare import prepare
-from gptscale.data.shards import MANIFEST, file_sha256, npy_bytes, read_manifest, split_urls
+from gptscale.data.shards import MANIFEST, npy_bytes, read_manifest, split_urls
 from gptscale.data.sources import embedded_documents
 from gptscale.data.read import read_shard
 from gptscale.data.stream import Corpus, StreamingLoader, StreamSpec, corpus_from
