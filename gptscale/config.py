@@ -160,9 +160,13 @@ class ParallelConfig:
     mode: str = "auto"
     pipe_partition: str = "parameters"
     pipe_zero3_gather: str = "micro_batch"
+    # Seconds any collective may wait (NCCL / gloo): a rank that died mid-run ends the job after
+    # this, not after torch's default 30 minutes. Raise it for very long saves or first steps.
+    collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         _require_positive(self, "parallel", ("tp", "pp", "dp"))
+        _require_finite(self, "parallel", "collective_timeout_s", above=0.0)
         if self.pipe_partition not in PIPE_PARTITIONS:
             raise ConfigError(f"parallel.pipe_partition={self.pipe_partition!r} is unknown; choose one of "
                               f"{', '.join(PIPE_PARTITIONS)}")

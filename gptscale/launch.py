@@ -11,6 +11,7 @@ Open MPI / MPICH, rank 0's address broadcast with mpi4py. Otherwise a clear erro
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -33,6 +34,7 @@ class LaunchEnv:
     master_addr: str | None = None
     master_port: int | None = None
     address_from: str = ""  # where master_addr came from, for the start-up line
+    placement: str = ""  # rank 0 only: where the first ranks run (host, CPUs, device), to check binding
 
     @property
     def one_node(self) -> bool:
@@ -40,7 +42,21 @@ class LaunchEnv:
 
     def describe(self) -> str:
         where = f", rank 0 at {self.master_addr}:{self.master_port} ({self.address_from})" if self.master_addr else ""
-        return f"{self.launcher}: rank {self.rank} of {self.world_size}, local rank {self.local_rank}{where}"
+        placed = f"\n  placement: {self.placement}" if self.placement else ""
+        return f"{self.launcher}: rank {self.rank} of {self.world_size}, local rank {self.local_rank}{where}{placed}"
+
+
+def cpu_ranges(cpus) -> str:
+    """{0, 1, 2, 5} -> '0-2,5'."""
+    out, run = [], []
+    for cpu in sorted(cpus):
+        if run and cpu != run[-1] + 1:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(cpu)
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
 
 
 def _int(env, *names: str, default: int | None = None) -> int | None:
@@ -169,12 +185,99 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(timeout_s: float = 1800.0, rendezvous_timeout_s: float | None = None) -> LaunchEnv:
+def job_tag(env=None) -> str:
+    """A name unique to this job among the jobs sharing a node, the same on all its ranks: the
+    SLURM job id, else rank 0's port (two live jobs cannot share it). Names per-job scratch."""
+    env = os.environ if env is None else env
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm-{env['SLURM_JOB_ID']}"
+    return f"port-{env.get('MASTER_PORT', DEFAULT_PORT)}"
+
+
+def cuda_device(local_rank: int, visible: int) -> int:
+    """The CUDA device of a rank that sees `visible` devices: its local rank when it sees the
+    node's devices, device 0 when the scheduler gave each task its own (srun --gpus-per-task=1,
+    --gpu-bind=single:1), where local ranks 1.. would be an invalid ordinal."""
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise LaunchError(f"local rank {local_rank} sees only {visible} CUDA device(s) "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start one rank "
+                          f"per GPU (torchrun --nproc-per-node / srun --ntasks-per-node = GPUs per node)")
+    return local_rank
+
+
+def gpus_granted(env=None) -> int:
+    """GPUs the scheduler gave this node (SLURM's GRES), 0 if it gave none or is not there."""
+    env = os.environ if env is None else env
+    for name in ("SLURM_GPUS_ON_NODE", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+        value = env.get(name, "")
+        if value.isdigit():
+            return int(value)
+        if value:  # a list of indices, "0,1,2"
+            return len(value.split(","))
+    return 0
+
+
+def check_gpu_present(cuda_available: bool, env=None) -> None:
+    """A GPU job that cannot see its GPUs must stop, not train on CPU at a hundredth of the speed.
+
+    GPTSCALE_REQUIRE_GPU=1 requires CUDA; =0 never does; unset, CUDA is required when the
+    scheduler granted GPUs, unless DS_ACCELERATOR=cpu says CPU on purpose."""
+    env = os.environ if env is None else env
+    wanted = env.get("GPTSCALE_REQUIRE_GPU", "")
+    granted = gpus_granted(env)
+    required = wanted == "1" or (wanted == "" and granted > 0 and env.get("DS_ACCELERATOR") != "cpu")
+    if required and not cuda_available:
+        import torch
+
+        why = f"SLURM granted {granted} GPU(s) on this node" if granted else "GPTSCALE_REQUIRE_GPU=1"
+        raise LaunchError(f"{why} (CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}) but torch "
+                          f"{torch.__version__} sees no CUDA device (CUDA build: {torch.version.cuda or 'no'}); "
+                          f"install a CUDA build of torch or load the GPU driver, or set GPTSCALE_REQUIRE_GPU=0 to "
+                          f"train on CPU")
+
+
+JOINED, ALL_JOINED = "gptscale/joined", "gptscale/all_joined"
+
+
+def wait_for_world(store, rank: int, world: int, timeout_s: float, where: str = "") -> str:
+    """Every rank checks in with rank 0's store and waits, at most `timeout_s`, until all have:
+    a node that never started fails the job here, with the missing ranks named, instead of
+    leaving every other rank blocked in its first collective for the collective timeout.
+    Returns, on rank 0, where the first 8 ranks run (each rank's `where`)."""
+    import time
+
+    store.set(f"{JOINED}/{rank}", where or socket.gethostname())
+    if store.add(JOINED, 1) == world:
+        store.set(ALL_JOINED, "1")
+    started = time.monotonic()
+    try:
+        store.wait([ALL_JOINED], timedelta(seconds=timeout_s))
+    except Exception:  # DistStoreError / RuntimeError, by torch version
+        joined = store.add(JOINED, 0)
+        missing = [r for r in range(world) if not store.check([f"{JOINED}/{r}"])] if rank == 0 else []
+        named = ", ".join(map(str, missing[:16])) + (f" and {len(missing) - 16} more" if len(missing) > 16 else "")
+        raise LaunchError(
+            f"rank {rank}: only {joined} of {world} ranks joined within {time.monotonic() - started:.0f} s"
+            + (f"; missing rank(s) {named}" if missing else "")
+            + "; a node did not start or cannot reach rank 0 (see its log); the wait is "
+              "GPTSCALE_RENDEZVOUS_TIMEOUT seconds") from None
+    if rank != 0:
+        return ""
+    shown = min(world, 8)
+    return "; ".join(f"rank {r} {store.get(f'{JOINED}/{r}').decode()}" for r in range(shown)) + \
+        (f"; ... ({world - shown} more)" if world > shown else "")
+
+
+def init_distributed(timeout_s: float = 600.0, rendezvous_timeout_s: float | None = None) -> LaunchEnv:
     """Initialise torch.distributed (gloo on CPU, nccl on GPU) unless it already is.
 
-    Ranks that cannot reach rank 0 within `rendezvous_timeout_s` (default 300 s, or
-    GPTSCALE_RENDEZVOUS_TIMEOUT) fail with the address they tried instead of waiting for
-    the 30-minute collective timeout.
+    Rendezvous is bounded by `rendezvous_timeout_s` (default 300 s, or GPTSCALE_RENDEZVOUS_TIMEOUT):
+    a rank that cannot reach rank 0 fails with the address it tried, and all ranks wait that
+    long at most for the whole world to join. `timeout_s` bounds every collective afterwards
+    (`parallel.collective_timeout_s`): a node dying mid-run ends the job after it, not after
+    torch's default half hour.
     """
     import torch
     import torch.distributed as dist
@@ -186,14 +289,21 @@ def init_distributed(timeout_s: float = 1800.0, rendezvous_timeout_s: float | No
     found = discover()
     if found.world_size == 1 and found.master_port is None:
         found = LaunchEnv(found.launcher, 0, 1, 0, 1, "127.0.0.1", free_port(), found.address_from)
-    # DeepSpeed and torch read these themselves, whatever launcher started us.
-    for key, value in (("RANK", found.rank), ("WORLD_SIZE", found.world_size), ("LOCAL_RANK", found.local_rank),
+    check_gpu_present(torch.cuda.is_available())
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device = cuda_device(found.local_rank, torch.cuda.device_count()) if backend == "nccl" else None
+    # DeepSpeed and torch read these themselves, whatever launcher started us. DeepSpeed takes its
+    # device from LOCAL_RANK: with one device per task that is device 0, whatever the local rank.
+    for key, value in (("RANK", found.rank), ("WORLD_SIZE", found.world_size),
+                       ("LOCAL_RANK", found.local_rank if device is None else device),
                        ("LOCAL_WORLD_SIZE", found.local_world_size), ("MASTER_ADDR", found.master_addr),
                        ("MASTER_PORT", found.master_port)):
         os.environ[key] = str(value)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(found.local_rank)
+    if device is not None:
+        torch.cuda.set_device(device)
+        # A collective that times out leaves NCCL's flight record behind: which rank waited for what.
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+        os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
     rendezvous = rendezvous_timeout_s or float(os.environ.get("GPTSCALE_RENDEZVOUS_TIMEOUT", 300))
     # torchrun's agent already serves a store at MASTER_ADDR:MASTER_PORT; every rank is its client.
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
@@ -209,6 +319,25 @@ def init_distributed(timeout_s: float = 1800.0, rendezvous_timeout_s: float | No
         # The agent keeps its store across the rounds of a restarted group (torchrun --max-restarts):
         # each round gets keys of its own, or it reads the dead round's addresses.
         store = dist.PrefixStore(f"/gptscale/round_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    where = f"{socket.gethostname()} cpus {cpu_ranges(os.sched_getaffinity(0))} " + \
+        (f"cuda:{device} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})" if device is not None
+         else f"cpu (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    placement = wait_for_world(store, found.rank, found.world_size, rendezvous, where)
     dist.init_process_group(backend, store=store, rank=found.rank, world_size=found.world_size,
                             timeout=timedelta(seconds=timeout_s))
-    return found
+    return dataclasses.replace(found, placement=placement)
+
+
+def check_tp_within_node(tp: int, launch: LaunchEnv, backend: str) -> None:
+    """Tensor-parallel groups (tp consecutive ranks) must not span nodes: they all-reduce twice
+    per layer, which over the network instead of NVLink costs most of the step. Every node
+    must hold whole TP groups. On GPUs (NCCL) this is an error; on CPU test clusters a warning."""
+    if launch.one_node or tp == 1 or launch.local_world_size % tp == 0:
+        return
+    message = (f"parallel.tp={tp} does not divide the {launch.local_world_size} rank(s) on this node, so "
+               f"tensor-parallel groups span nodes; use a tp that divides the GPUs per node, or start "
+               f"a multiple of {tp} ranks per node")
+    if backend == "nccl":
+        raise LaunchError(message)
+    if launch.rank == 0:
+        print(f"gptscale train: warning: {message}", flush=True)

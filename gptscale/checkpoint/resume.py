@@ -119,6 +119,38 @@ def attempt(step: Callable[[], Any]) -> str | None:
     return None
 
 
+def check_shared_folder(folder: Path, seconds: float = 10.0) -> None:
+    """Collective: every rank must see the file rank 0 just wrote in `folder`, or the run would
+    save each node's part of a checkpoint where the others cannot read it (a relative or
+    node-local train.out_dir). NFS may take a few seconds to show a new name elsewhere."""
+    import socket
+    import time
+    import uuid
+
+    name = [f".gptscale-shared-{uuid.uuid4().hex}" if dist.get_rank() == 0 else None]
+    if dist.get_rank() == 0:
+        error = attempt(lambda: (folder.mkdir(parents=True, exist_ok=True), (folder / name[0]).write_text("")))
+        agree(error, f"writing to train.out_dir {folder}")
+    else:
+        agree(None, f"writing to train.out_dir {folder}")
+    dist.broadcast_object_list(name, src=0)
+    probe = folder / name[0]
+    deadline = time.monotonic() + seconds
+    while not probe.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+        if folder.is_dir():
+            os.listdir(folder)  # refreshes an NFS client's cached view of the folder
+    seen = None if probe.exists() else (
+        f"on host {socket.gethostname()} it cannot see {probe}, which rank 0 wrote: train.out_dir must be one folder "
+        f"that every node shares (an absolute path on NFS, Lustre, GPFS), not a node-local or relative path")
+    try:
+        agree(seen, f"train.out_dir {folder} is not shared between the nodes")
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            probe.unlink(missing_ok=True)
+
+
 @dataclass
 class Resumed:
     step: int
@@ -140,9 +172,11 @@ class RunCheckpoints:
     def complete(self) -> list[Path]:
         return complete_checkpoints(self.folder)
 
-    def save(self, step: int, data: dict, rng: dict, write_files: Callable[[Path], None]) -> Path:
+    def save(self, step: int, data: dict, rng: dict, write_files: Callable[[Path], None], rotate: bool = True) -> Path:
         """Every rank: `write_files(folder)` (its DeepSpeed files and whatever else it keeps) and its
-        rank state; then rank 0 commits (see above). Returns the checkpoint's path."""
+        rank state; then rank 0 commits (see above) and, if `rotate`, removes old checkpoints (not
+        when stopping on a signal: every second counts then, and the next save rotates them).
+        Returns the checkpoint's path."""
         rank, staging = dist.get_rank(), staging_dir(self.folder, step, self.run_id)
 
         def prepare() -> None:
@@ -157,13 +191,13 @@ class RunCheckpoints:
 
         agree(attempt(prepare) if rank == 0 else None, f"preparing checkpoint {staging}")
         agree(attempt(write), f"writing checkpoint {staging}")
-        failure = [attempt(lambda: self._commit(staging, step)) if rank == 0 else None]
+        failure = [attempt(lambda: self._commit(staging, step, rotate)) if rank == 0 else None]
         dist.broadcast_object_list(failure, src=0)
         if failure[0]:
             raise CheckpointError(f"committing checkpoint {staging}: {failure[0]}")
         return self.folder / tag_for(step)
 
-    def _commit(self, staging: Path, step: int) -> None:
+    def _commit(self, staging: Path, step: int, rotate: bool = True) -> None:
         """Rank 0: finish, make durable and rename the staged checkpoint, then rotate."""
         missing = [r for r in range(dist.get_world_size()) if not rank_state_file(staging, r).is_file()]
         if missing:
@@ -191,6 +225,8 @@ class RunCheckpoints:
             os.replace(staging, final)
             fsync_dir(self.folder)
         write_text_atomic(self.folder / LATEST, final.name)
+        if not rotate:
+            return
         for old in self.complete()[:-self.cfg.train.keep_checkpoints]:
             if old != final:
                 remove_checkpoint(old)

@@ -6,6 +6,7 @@ module assembles them and turns every `UserError` into one line and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from gptscale import modes
@@ -46,8 +47,28 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (UserError, FileNotFoundError) as err:
         print(f"gptscale: error: {err}", file=sys.stderr)
+        _tell_torchrun(err)
         return 2
 
 
+def _tell_torchrun(err: BaseException) -> None:
+    """Under torchrun, a rank's error goes to its error file too, so the launcher's failure
+    summary names it (`error_file:` and the message) instead of `<N/A>` among 512 ranks' logs."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(err)
+
+
+def run() -> int:
+    """`python -m gptscale.cli`: `main`, with any other exception recorded for torchrun as well
+    (torch's `@record`)."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return main()
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(main)()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -1,6 +1,6 @@
 """`python -m gptscale.cli` (what launchers run: torchrun ... -m gptscale.cli train ...)."""
 import sys
 
-from gptscale.cli import main
+from gptscale.cli import run
 
-sys.exit(main())
+sys.exit(run())

@@ -100,7 +100,9 @@ class TPGroup:
 class Topology:
     """Process groups for one rank of a RankLayout; also DeepSpeed's `mpu` interface."""
 
-    def __init__(self, layout: RankLayout, rank: int):
+    def __init__(self, layout: RankLayout, rank: int, timeout_s: float | None = None):
+        from datetime import timedelta
+
         import torch.distributed as dist
 
         if dist.get_world_size() != layout.world_size:
@@ -114,7 +116,8 @@ class Topology:
         # Every rank must create every group, in the same order, even those it is not in.
         for axis in AXES:
             for ranks in layout.groups(axis):
-                group = dist.new_group(ranks)
+                # new_group does not inherit the world's timeout: without one it waits torch's 30 minutes.
+                group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s) if timeout_s else None)
                 if rank in ranks:
                     self._ranks[axis], self._groups[axis] = ranks, group
 
@@ -124,7 +127,7 @@ class Topology:
         import torch.distributed as dist
 
         layout = RankLayout.for_world(dist.get_world_size(), parallel)
-        return cls(layout, dist.get_rank())
+        return cls(layout, dist.get_rank(), parallel.collective_timeout_s)
 
     def group(self, axis: str) -> object:
         return self._groups[axis]

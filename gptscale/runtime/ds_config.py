@@ -13,6 +13,7 @@ from pathlib import Path
 
 from gptscale.config import RunConfig
 from gptscale.errors import ConfigError
+from gptscale.launch import job_tag
 from gptscale.runtime.base import runtime_class
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -81,7 +82,8 @@ def assemble(cfg: RunConfig, dp_size: int, on_gpu: bool, template: dict | None =
     template (`load_template(cfg)` unless already loaded)."""
     t = cfg.train
     template = load_template(cfg) if template is None else template
-    ds = _substitute(copy.deepcopy(template), {"nvme_path": t.nvme_path})
+    # A folder per job: two jobs sharing a node would otherwise swap to the same file names.
+    ds = _substitute(copy.deepcopy(template), {"nvme_path": os.path.join(t.nvme_path, f"gptscale-{job_tag()}")})
     offloads_optimizer = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     ds.update({
         "train_micro_batch_size_per_gpu": t.micro_batch,

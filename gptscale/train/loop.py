@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 import uuid
+from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,18 +28,19 @@ from tqdm import tqdm
 from gptscale import faults, modes
 from gptscale.atomic import write_text_atomic
 from gptscale.checkpoint.layout import CheckpointMeta, Layout
-from gptscale.checkpoint.resume import (RunCheckpoints, agree, attempt, clear_run_folder, find_resume,
-                                        refuse_used_run_folder)
+from gptscale.checkpoint.resume import (RunCheckpoints, agree, attempt, check_shared_folder, clear_run_folder,
+                                        find_resume, refuse_used_run_folder)
 from gptscale.config import RunConfig
 from gptscale.ds_import import import_deepspeed, on_gpu
 from gptscale.errors import CheckpointError, NonFiniteError, UserError
-from gptscale.launch import init_distributed
+from gptscale.launch import check_tp_within_node, init_distributed
 from gptscale.model.counting import flops_per_token
 from gptscale.parallel.primitives import comm_device
 from gptscale.parallel.topology import Topology
 from gptscale.runtime.base import RuntimeContext, rng_state, runtime_class, set_rng_state
 from gptscale.runtime.ds_config import assemble, load_template
 from gptscale.scaling.hardware import device_peak_tflops
+from gptscale.train.job import JobDir
 from gptscale.train.metrics import MetricsLogger, peak_memory_gb
 from gptscale.train.sample import sample_from_checkpoint, sample_live
 from gptscale.train.tasks import Pretraining, Task
@@ -144,15 +146,19 @@ class Trainer:
         template = load_template(cfg)  # a wrong DeepSpeed template fails before any rank waits for another
         deepspeed = import_deepspeed()
         _quiet_libraries()
-        launch = init_distributed()
-        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        launch = init_distributed(timeout_s=cfg.parallel.collective_timeout_s)
+        deepspeed.init_distributed(dist_backend=dist.get_backend(),
+                                   timeout=timedelta(seconds=cfg.parallel.collective_timeout_s))
         self.topo = Topology.from_env(cfg.parallel)
+        check_tp_within_node(cfg.parallel.tp, launch, dist.get_backend())
         self.rank = dist.get_rank()
         self.is_writer = self.rank == 0
         self.run_dir = Path(cfg.train.out_dir)
         grid = self.topo.layout
         if overwrite_run:
             resume = "none"
+        if not launch.one_node:
+            check_shared_folder(self.run_dir)
         self.resume_from = self._agreed_resume(resume)
         if resume == "none":
             self._start_fresh(overwrite_run)
@@ -237,6 +243,7 @@ class Trainer:
                    disable=not (self.is_writer and t.progress), file=sys.stderr)
         iterator = iter(batches)
         nonfinite = NonFinitePolicy(t.max_nonfinite, self.checkpoints)
+        job = JobDir(self.is_writer)
         if step == 0 and t.eval_every:  # the baseline the validation curve falls from
             result.val_losses[0] = self._evaluate(held_out, 0, metrics, bar, "(before training)")
         if resumed is not None:
@@ -263,12 +270,14 @@ class Trainer:
                              "peak_mem_gb": peak_memory_gb(), "nonfinite_skipped": nonfinite.total,
                              "optimizer_step_skipped": skipped, "step_time_s": elapsed, **runtime.step_metrics()})
             nonfinite.stop_if_exceeded()  # after the step is logged
+            job.step_took(elapsed)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-            if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-                result.val_losses[step] = self._evaluate(held_out, step, metrics, bar)
             faults.after_step(step, self.rank)
             signalled = self.stop.agreed()
+            # A stop signal leaves only the preemption lead: the save comes first, a due eval is skipped.
+            if ((t.eval_every and step % t.eval_every == 0) or step == t.steps) and not signalled:
+                result.val_losses[step] = self._evaluate(held_out, step, metrics, bar)
             saved = None
             if (t.save_every and step % t.save_every == 0) or step == t.steps or signalled:
                 if nonfinite.open:
@@ -277,9 +286,11 @@ class Trainer:
                         bar.write(f"not saving step {step}: the last {nonfinite.streak} step(s) were non-finite; the "
                                   f"newest good checkpoint is {newest[0] if newest else 'none'}")
                 else:
-                    saved = self.save(step, batches)
+                    saved = self.save(step, batches, job, metrics, rotate=not signalled)
             if signalled:
                 result.stopped_by_signal = True
+                if saved:
+                    job.stopped(step, saved)
                 if self.is_writer:
                     bar.write(f"stop signal: saved step {step} and exiting" if saved else
                               f"stop signal: exiting without saving step {step} (non-finite steps)")
@@ -301,14 +312,19 @@ class Trainer:
             bar.write(f"step {step}: val loss {val:.4f} {note or f'(ppl {ppl:.1f})'}")
         return val
 
-    def save(self, step: int, batches) -> Path:
+    def save(self, step: int, batches, job: JobDir, metrics: MetricsLogger, rotate: bool = True) -> Path:
+        """Save `step`; its measured duration sets the preemption lead the batch script keeps."""
         def write_files(ckpt: Path) -> None:
             self.runtime.save_native(ckpt, step)
             self.task.save_extras(ckpt, self.runtime)
 
-        path = self.checkpoints.save(step, batches.state_dict(), rng_state(), write_files)
+        started = time.perf_counter()
+        path = self.checkpoints.save(step, batches.state_dict(), rng_state(), write_files, rotate=rotate)
+        took = time.perf_counter() - started
+        lead = job.save_took(took)
+        metrics.log({"step": step, "save_time_s": took, "preempt_lead_s": lead})
         if self.is_writer and os.environ.get("GPTSCALE_QUIET_SAVE") is None:
-            tqdm.write(f"checkpoint: {path}", file=sys.stderr)
+            tqdm.write(f"checkpoint: {path} (saved in {took:.1f} s; preemption lead {lead} s)", file=sys.stderr)
         return path
 
     def sample(self) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -94,7 +95,8 @@ SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
 SlurmdLogFile={root}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
+GresTypes=gpu
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SwitchType=switch/none
@@ -106,14 +108,23 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 InactiveLimit=0
 KillWait=30
-NodeName=n1 NodeHostname=localhost NodeAddr=127.0.0.1 Port={port1} CPUs=1 RealMemory=1000 State=UNKNOWN
-NodeName=n2 NodeHostname=localhost NodeAddr=127.0.0.1 Port={port2} CPUs=1 RealMemory=1000 State=UNKNOWN
+NodeName=n1 NodeHostname=localhost NodeAddr=127.0.0.1 Port={port1} CPUs=2 Gres=gpu:2 RealMemory=1000 State=UNKNOWN
+NodeName=n2 NodeHostname=localhost NodeAddr=127.0.0.1 Port={port2} CPUs=2 Gres=gpu:2 RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
+"""
+
+# Two fake GPUs per node: /dev/null's twins where /dev/nvidiaN would be. slurmd only stats them; what
+# the jobs get is real SLURM GPU accounting: --gpus-per-node, --gpus-per-task binding and the
+# CUDA_VISIBLE_DEVICES / SLURM_GPUS_ON_NODE a task sees.
+GRES_CONF = """\
+AutoDetect=off
+NodeName=n[1-2] Name=gpu File={root}/dev/nvidia[0-1]
 """
 
 
 class SlurmCluster:
-    """munged, slurmctld and two slurmd (nodes n1, n2 on this host, their own ports)."""
+    """munged, slurmctld and two slurmd (nodes n1, n2 on this host, their own ports), each node with
+    2 CPUs (bound per task by task/affinity) and 2 fake GPUs."""
 
     def __init__(self, root: Path, base_port: int = 16817):
         self.root = root
@@ -124,10 +135,13 @@ class SlurmCluster:
 
     def __enter__(self) -> "SlurmCluster":
         require("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd", "sbatch")
-        for sub in ("state", "log", "spool/n1", "spool/n2"):
+        for sub in ("state", "log", "spool/n1", "spool/n2", "dev"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        for gpu in range(2):  # character devices, as slurmd insists: copies of /dev/null
+            os.mknod(self.root / "dev" / f"nvidia{gpu}", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
         ctld, p1, p2 = self.ports
         self.conf.write_text(SLURM_CONF.format(root=self.root, ctld_port=ctld, port1=p1, port2=p2))
+        (self.root / "gres.conf").write_text(GRES_CONF.format(root=self.root))
         try:
             self._start()
         except BaseException:
