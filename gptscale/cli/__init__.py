@@ -48,7 +48,21 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, FileNotFoundError) as err:
         print(f"gptscale: error: {err}", file=sys.stderr)
         _tell_torchrun(err)
+        _tell_job_script(err)
         return 2
+
+
+def _tell_job_script(err: BaseException) -> None:
+    """Under launch/slurm/ (GPTSCALE_JOB_DIR set): a configuration or data error is not a crash
+    to retry; the batch script reads this file and does not requeue."""
+    folder = os.environ.get("GPTSCALE_JOB_DIR")
+    if folder:
+        from gptscale.atomic import write_text_atomic
+
+        try:
+            write_text_atomic(os.path.join(folder, "user_error"), f"{err}\n")
+        except OSError:
+            pass  # the error itself is printed; this is only the script's hint
 
 
 def _tell_torchrun(err: BaseException) -> None:

@@ -122,6 +122,9 @@ NodeName=n[1-2] Name=gpu File={root}/dev/nvidia[0-1]
 """
 
 
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
 class SlurmCluster:
     """munged, slurmctld and two slurmd (nodes n1, n2 on this host, their own ports), each node with
     2 CPUs (bound per task by task/affinity) and 2 fake GPUs."""
@@ -174,6 +177,22 @@ class SlurmCluster:
 
     def slurm(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return run(list(args), env=self.env, timeout=timeout)
+
+    # Each job as the real script asks: one task per node, the node's GPUs; on the emulated nodes
+    # one fake GPU and both CPUs per node unless a test asks otherwise.
+    RESOURCES = ("-N", "2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-gpu=2")
+
+    def submit(self, script_args, out: Path, env: dict, resources=RESOURCES, script="pretrain.sbatch") -> str:
+        """sbatch launch/slurm/SCRIPT with `resources`; the job's folder beside `out`. Returns the job id."""
+        env = {"GPTSCALE_JOB_DIR": str(out.parent / f"{out.stem}-job"), **env, "SLURM_CONF": str(self.conf),
+               "GPTSCALE_HOME": str(REPO)}
+        done = run(["sbatch", "--parsable", *resources, f"--output={out}", "--chdir", str(REPO),
+                    str(REPO / "launch" / "slurm" / script), *map(str, script_args)], env=env, timeout=30)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().split(";")[0]
+
+    def wait_ended(self, job: str, timeout: float) -> str:
+        return wait_until(lambda: (s := self.job_state(job)) in ENDED and s, timeout, f"SLURM job {job}")
 
     def job_state(self, job: str) -> str:
         out = self.slurm("scontrol", "show", "job", "-o", job).stdout

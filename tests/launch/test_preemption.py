@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.launch.cluster import REPO, run, wait_until
+from tests.launch.cluster import REPO, wait_until
 
 pytestmark = pytest.mark.launch
 STEPS = 12
@@ -120,14 +120,10 @@ def test_sigterm_to_a_whole_slurm_job_saves_and_resumes_exactly(tmp_path, shards
     too, and srun turns a SIGTERM of its own into SIGKILL for the step: graceful preemption under
     SLURM goes through SIGUSR1 to the batch script, tested in test_torchrun_slurm.py.)"""
     config, run_dir = _config(tmp_path, shards, "slurm_term")
-    env = {**launch_env, "SLURM_CONF": str(slurm.conf), "SLURM_LAUNCH": "srun", "GPTSCALE_HOME": str(REPO)}
+    env = {**launch_env, "SLURM_LAUNCH": "srun"}
 
     def sbatch(out):
-        done = run(["sbatch", "--parsable", "-N", "2", "--ntasks-per-node=1", f"--output={out}", "--chdir",
-                    str(REPO), str(REPO / "launch" / "slurm" / "pretrain.sbatch"), "--config", str(config)],
-                   env=env, timeout=30)
-        assert done.returncode == 0, done.stderr
-        return done.stdout.strip().split(";")[0]
+        return slurm.submit(["--config", config], out, env)
 
     def finished(job):
         return slurm.job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")

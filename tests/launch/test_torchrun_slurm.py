@@ -93,13 +93,8 @@ def test_torchrun_two_nodes_in_network_namespaces_c10d_rendezvous(launch_env, ti
 
 def _sbatch(slurm, tmp_path, launch_env, *args, launch="torchrun", timeout=240):
     out = tmp_path / "job.out"
-    env = {**launch_env, "SLURM_CONF": str(slurm.conf), "SLURM_LAUNCH": launch, "GPTSCALE_HOME": str(REPO)}
-    done = run(["sbatch", "--parsable", "-N", "2", "--ntasks-per-node=1", f"--output={out}", "--chdir", str(REPO),
-                str(REPO / "launch" / "slurm" / "pretrain.sbatch"), *args], env=env, timeout=30)
-    assert done.returncode == 0, done.stderr
-    job = done.stdout.strip().split(";")[0]
-    state = wait_until(lambda: (s := slurm.job_state(job)) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
-                                                               "NODE_FAIL") and s, timeout, f"SLURM job {job}")
+    job = slurm.submit(args, out, {**launch_env, "SLURM_LAUNCH": launch})
+    state = slurm.wait_ended(job, timeout)
     return state, out.read_text() if out.exists() else ""
 
 
@@ -142,11 +137,7 @@ def _long_job_signalled(slurm, tmp_path, launch_env, tiny_run, signal, **env):
 
     config, run_dir = tiny_run
     out = tmp_path / "job.out"
-    env = {**launch_env, "SLURM_CONF": str(slurm.conf), "GPTSCALE_HOME": str(REPO), **env}
-    done = run(["sbatch", "--parsable", "-N", "2", "--ntasks-per-node=1", f"--output={out}", "--chdir", str(REPO),
-                str(REPO / "launch" / "slurm" / "pretrain.sbatch"), "--config", str(config),
-                "--set", "train.steps=500"], env=env, timeout=30)
-    job = done.stdout.strip().split(";")[0]
+    job = slurm.submit(["--config", config, "--set", "train.steps=500"], out, {**launch_env, **env})
     metrics = run_dir / "metrics.jsonl"
     wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 180, "training steps")
     assert slurm.slurm("scancel", f"--signal={signal}", "--batch", job).returncode == 0
@@ -154,17 +145,6 @@ def _long_job_signalled(slurm, tmp_path, launch_env, tiny_run, signal, **env):
     saved = [p for p in (run_dir / "checkpoints").iterdir() if (p / "COMPLETE.json").is_file()]
     assert len(saved) == 1 and json.loads((saved[0] / "COMPLETE.json").read_text())["step"] < 500
     return job, out
-
-
-def test_slurm_preemption_signal_saves_and_requeues(slurm, tmp_path, launch_env, tiny_run):
-    """SIGUSR1 to the batch script (what --signal=B:USR1@120 sends before the time limit) goes
-    through srun and torchrun to the ranks, which save and exit 0; the job is requeued."""
-    job, out = _long_job_signalled(slurm, tmp_path, launch_env, tiny_run, "USR1")
-    wait_until(lambda: "requeueing job" in out.read_text(), 120, "the requeue")
-    assert "stop signal: saved step" in out.read_text()
-    # COMPLETING (the old run's steps ending) comes first; then the job waits to start again.
-    wait_until(lambda: slurm.job_state(job) in ("PENDING", "REQUEUED", "REQUEUE_HOLD"), 60, "the requeued job")
-    slurm.slurm("scancel", job)
 
 
 def test_slurm_sigterm_to_the_batch_script_saves_without_requeue(slurm, tmp_path, launch_env, tiny_run):
