@@ -132,7 +132,7 @@ def _scontrol(*args: str) -> str:
 def this_host_address() -> str:
     """An address other nodes can reach this one at: the interface of GLOO_SOCKET_IFNAME if
     set, else the one the default route leaves by (no packet is sent), else loopback."""
-    ifname = os.environ.get("GLOO_SOCKET_IFNAME")
+    ifname = os.environ.get("GLOO_SOCKET_IFNAME", "").split(",")[0]  # gloo accepts a list; its first
     if ifname:
         import fcntl
         import struct
@@ -289,7 +289,6 @@ def init_distributed(timeout_s: float = 600.0, rendezvous_timeout_s: float | Non
     found = discover()
     if found.world_size == 1 and found.master_port is None:
         found = LaunchEnv(found.launcher, 0, 1, 0, 1, "127.0.0.1", free_port(), found.address_from)
-    check_gpu_present(torch.cuda.is_available())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     device = cuda_device(found.local_rank, torch.cuda.device_count()) if backend == "nccl" else None
     # DeepSpeed and torch read these themselves, whatever launcher started us. DeepSpeed takes its

@@ -51,7 +51,7 @@ args=(--nproc-per-node "$NPROC_PER_NODE")
 # Forward SLURM's preemption warning (SIGUSR1) to the ranks, which save and exit 0, and give
 # them time to do so before they are killed.
 if supports --signals-to-handle; then
-    args+=(--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1)
+    args+=(--signals-to-handle "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
 else
     echo "launch/torchrun.sh: warning: this torchrun (torch $("$PYTHON" -c 'import torch; print(torch.__version__)')) cannot forward SIGUSR1 (--signals-to-handle, torch >= 2.9): a preemption warning ends the ranks without a save; use SIGTERM, or a newer torch" >&2
 fi

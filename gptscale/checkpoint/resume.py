@@ -151,6 +151,18 @@ def check_shared_folder(folder: Path, seconds: float = 10.0) -> None:
             probe.unlink(missing_ok=True)
 
 
+def _with_free_space(error: str | None, folder: Path) -> str | None:
+    """A failed write says how full the file system is (torch reports ENOSPC as a zip-writer
+    position error); a quota can fail a write with room to spare, so only the number is given."""
+    if error is None:
+        return None
+    try:
+        free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+    except OSError:
+        return error
+    return f"{error} ({free / 2**20:.1f} MiB free on that file system: full, or over a quota?)"
+
+
 @dataclass
 class Resumed:
     step: int
@@ -190,7 +202,7 @@ class RunCheckpoints:
             sync_filesystem(staging)  # on disk before rank 0 commits
 
         agree(attempt(prepare) if rank == 0 else None, f"preparing checkpoint {staging}")
-        agree(attempt(write), f"writing checkpoint {staging}")
+        agree(_with_free_space(attempt(write), staging), f"writing checkpoint {staging}")
         failure = [attempt(lambda: self._commit(staging, step, rotate)) if rank == 0 else None]
         dist.broadcast_object_list(failure, src=0)
         if failure[0]:

@@ -33,7 +33,7 @@ from gptscale.checkpoint.resume import (RunCheckpoints, agree, attempt, check_sh
 from gptscale.config import RunConfig
 from gptscale.ds_import import import_deepspeed, on_gpu
 from gptscale.errors import CheckpointError, NonFiniteError, UserError
-from gptscale.launch import check_tp_within_node, init_distributed
+from gptscale.launch import check_gpu_present, check_tp_within_node, init_distributed
 from gptscale.model.counting import flops_per_token
 from gptscale.parallel.primitives import comm_device
 from gptscale.parallel.topology import Topology
@@ -144,6 +144,7 @@ class Trainer:
         self.cfg = cfg
         mode = modes.resolve(cfg.parallel.mode, cfg.parallel.pp)
         template = load_template(cfg)  # a wrong DeepSpeed template fails before any rank waits for another
+        check_gpu_present(torch.cuda.is_available())  # before DeepSpeed settles for its CPU accelerator
         deepspeed = import_deepspeed()
         _quiet_libraries()
         launch = init_distributed(timeout_s=cfg.parallel.collective_timeout_s)

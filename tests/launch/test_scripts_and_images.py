@@ -66,9 +66,43 @@ def test_dockerfiles_parse_and_copy_what_exists(name):
 def test_images_hold_what_they_promise():
     gpu = " ".join(args for _, args in parse_dockerfile(REPO / "docker" / "Dockerfile.gpu"))
     for needed in ("DS_BUILD_FUSED_ADAM=1", "DS_BUILD_CPU_ADAM=1", "mpi4py", "pdsh", "openssh-server",
-                   "deepspeed=="):
+                   "deepspeed==", "libaio-dev",  # DS_BUILD_AIO=1 fails without it
+                   "10.0+PTX"):  # Blackwell, and PTX for what comes after
         assert needed in gpu, needed
     cpu = " ".join(args for _, args in parse_dockerfile(REPO / "docker" / "Dockerfile.cpu"))
     pinned = re.search(r"^TORCH\s*\?=\s*(\S+)", (REPO / "Makefile").read_text(), re.M).group(1)
     assert pinned in cpu, f"the CPU image installs another torch than the Makefile's {pinned}"
     assert '"make", "test"' in cpu
+
+
+def _recording_mpirun(folder: Path, version: str) -> Path:
+    """An `mpirun` that says it is `version` and writes the command line it was given, one word a line."""
+    folder.mkdir(exist_ok=True)
+    record = folder / "argv"
+    script = folder / "mpirun"
+    script.write_text(f'#!/bin/bash\nif [[ "$1" == --version ]]; then echo "{version}"; exit 0; fi\n'
+                      f'printf "%s\\n" "$@" > {record}\n')
+    script.chmod(0o755)
+    return record
+
+
+@pytest.mark.parametrize("flavour, version", [("openmpi", "mpirun (Open MPI) 4.1.5"),
+                                              ("mpich", "HYDRA build details:")])
+def test_mpirun_passes_the_network_settings_to_every_rank(tmp_path, flavour, version):
+    """Remote ranks must run with the launch node's NCCL/UCX settings; on main they got a fixed list."""
+    import os
+
+    record = _recording_mpirun(tmp_path / "bin", version)
+    env = {**os.environ, "PYTHON": sys.executable, "NP": "16", "MPIRUN": str(tmp_path / "bin" / "mpirun"),
+           "NCCL_IB_HCA": "mlx5_0,mlx5_1", "NCCL_IB_GID_INDEX": "3", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
+           "UCX_TLS": "rc,sm", "LD_LIBRARY_PATH": "/opt/hpcx/lib"}
+    done = subprocess.run([str(REPO / "launch" / "mpirun.sh"), "--config", "x.yaml"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    argv = record.read_text().splitlines()
+    wanted = {"NCCL_IB_HCA", "NCCL_IB_GID_INDEX", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "UCX_TLS", "LD_LIBRARY_PATH"}
+    if flavour == "openmpi":
+        passed = {argv[i + 1] for i, word in enumerate(argv) if word == "-x"}
+    else:
+        passed = set(argv[argv.index("-genvlist") + 1].split(","))
+    assert wanted <= passed, argv

@@ -84,3 +84,24 @@ def test_accelerate_launch_with_deepspeed_zero3(launch_env, tiny_run):
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     assert_two_ranks_trained(run_dir, output, "accelerate")
+
+
+def test_deepspeed_launcher_openmpi_gets_the_real_interface_and_ssh_port(hosts, launch_env, tmp_path):
+    """DeepSpeed's Open MPI runner adds `btl_tcp_if_include eth0` unless told an interface and
+    drops --ssh_port (deepspeed#4460): the hosts here are reached over `lo`, sshd on port 2222.
+    Checked on the command line DeepSpeed hands to mpirun (a recording one)."""
+    fake = tmp_path / "fake-ompi"
+    fake.mkdir()
+    record = fake / "argv"
+    (fake / "mpirun").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {record}\n')
+    (fake / "ompi_info").write_text("#!/bin/sh\nexit 0\n")
+    for tool in ("mpirun", "ompi_info"):
+        (fake / tool).chmod(0o755)
+    env = {**_env(launch_env, hosts, tmp_path, [fake]), "HOSTFILE": str(hosts.hostfile("node1", "node2")),
+           "DS_LAUNCHER": "openmpi", "SSH_PORT": "2222"}
+    done = run([str(REPO / "launch" / "deepspeed.sh"), "--config", "x.yaml"], env=env, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    argv = record.read_text().splitlines()
+    pairs = {(argv[i + 1], argv[i + 2]) for i, word in enumerate(argv[:-2]) if word == "--mca"}
+    assert ("btl_tcp_if_include", "lo") in pairs and ("btl_tcp_if_include", "eth0") not in pairs, argv
+    assert ("plm_rsh_args", "-p 2222") in pairs, argv

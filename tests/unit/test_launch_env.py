@@ -55,3 +55,97 @@ def test_slurm_tasks_per_node_notation():
     env = {"SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "3"}
     assert _tasks_on_this_node(env, 7) == 1
     assert _tasks_on_this_node({**env, "SLURM_NODEID": "1"}, 7) == 2
+
+
+# -- cluster readiness: devices, GPUs granted, rendezvous, TP placement, job scratch ----------
+
+def test_a_rank_with_one_visible_gpu_uses_device_0():
+    from gptscale.launch import cuda_device
+
+    assert cuda_device(local_rank=5, visible=1) == 0  # srun --gpus-per-task=1: device 5 does not exist here
+    assert cuda_device(local_rank=5, visible=8) == 5
+    with pytest.raises(LaunchError, match="local rank 3 sees only 2 CUDA device"):
+        cuda_device(local_rank=3, visible=2)
+
+
+def test_granted_gpus_without_cuda_stop_the_run_unless_cpu_is_asked_for():
+    from gptscale.launch import check_gpu_present, gpus_granted
+
+    assert gpus_granted({"SLURM_GPUS_ON_NODE": "8"}) == 8
+    assert gpus_granted({"SLURM_JOB_GPUS": "0,1,2"}) == 3
+    assert gpus_granted({}) == 0
+    with pytest.raises(LaunchError, match=r"SLURM granted 8 GPU\(s\) on this node .* GPTSCALE_REQUIRE_GPU=0"):
+        check_gpu_present(False, {"SLURM_GPUS_ON_NODE": "8"})
+    check_gpu_present(False, {"SLURM_GPUS_ON_NODE": "8", "DS_ACCELERATOR": "cpu"})  # CPU on purpose
+    check_gpu_present(False, {"SLURM_GPUS_ON_NODE": "8", "GPTSCALE_REQUIRE_GPU": "0"})
+    check_gpu_present(False, {})  # no scheduler, no GPUs asked for: a CPU run
+    with pytest.raises(LaunchError, match="GPTSCALE_REQUIRE_GPU=1"):
+        check_gpu_present(False, {"GPTSCALE_REQUIRE_GPU": "1"})
+    check_gpu_present(True, {"SLURM_GPUS_ON_NODE": "8"})
+
+
+def test_the_world_waits_for_every_rank_and_names_the_missing_ones():
+    import threading
+    import time as clock
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from gptscale.launch import free_port, wait_for_world
+
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, 3, is_master=True, timeout=timedelta(seconds=30), wait_for_workers=False)
+    client = dist.TCPStore("127.0.0.1", port, 3, is_master=False, timeout=timedelta(seconds=30))
+    errors = []
+
+    def rank_1():
+        try:
+            wait_for_world(client, 1, 3, 2.0, "n2 cpus 1 cpu")
+        except LaunchError as err:
+            errors.append(str(err))
+
+    waiting = threading.Thread(target=rank_1)
+    waiting.start()
+    started = clock.monotonic()
+    with pytest.raises(LaunchError, match=r"rank 0: only 2 of 3 ranks joined within 2 s; missing rank\(s\) 2; a node"):
+        wait_for_world(server, 0, 3, 2.0, "n1 cpus 0 cpu")
+    waiting.join()
+    assert clock.monotonic() - started < 10
+    assert errors and "only 2 of 3 ranks joined" in errors[0]
+
+    # All present: rank 0 learns where each runs.
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, 2, is_master=True, timeout=timedelta(seconds=30), wait_for_workers=False)
+    client = dist.TCPStore("127.0.0.1", port, 2, is_master=False, timeout=timedelta(seconds=30))
+    other = threading.Thread(target=wait_for_world, args=(client, 1, 2, 10.0, "n2 cpus 1 cpu"))
+    other.start()
+    placement = wait_for_world(server, 0, 2, 10.0, "n1 cpus 0 cpu")
+    other.join()
+    assert placement == "rank 0 n1 cpus 0 cpu; rank 1 n2 cpus 1 cpu"
+
+
+def test_tensor_parallel_groups_must_fit_in_a_node(capsys):
+    from gptscale.launch import LaunchEnv, check_tp_within_node
+
+    four_per_node = LaunchEnv("torchrun", 0, 16, 0, 4)
+    check_tp_within_node(4, four_per_node, "nccl")
+    check_tp_within_node(2, four_per_node, "nccl")
+    with pytest.raises(LaunchError, match="parallel.tp=8 does not divide the 4 rank"):
+        check_tp_within_node(8, four_per_node, "nccl")
+    check_tp_within_node(8, four_per_node, "gloo")  # CPU test clusters: a warning
+    assert "warning: parallel.tp=8" in capsys.readouterr().out
+    check_tp_within_node(8, LaunchEnv("torchrun", 0, 8, 0, 8), "nccl")  # one node
+
+
+def test_scratch_and_ports_are_the_jobs_own():
+    from gptscale.launch import job_tag
+
+    assert job_tag({"SLURM_JOB_ID": "123", "MASTER_PORT": "1"}) != job_tag({"SLURM_JOB_ID": "124", "MASTER_PORT": "1"})
+    assert job_tag({"MASTER_PORT": "29511"}) != job_tag({"MASTER_PORT": "29512"})
+
+
+def test_cpu_ranges_are_compact():
+    from gptscale.launch import cpu_ranges
+
+    assert cpu_ranges({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8"
+    assert cpu_ranges({3}) == "3"
