@@ -82,6 +82,23 @@ def test_srun_mode_gives_each_rank_one_gpu_and_its_own_cpus(slurm, tmp_path, lau
     assert (run_dir / "checkpoints" / "step00000003" / "COMPLETE.json").is_file()
 
 
+def test_torchrun_mode_starts_one_rank_per_granted_gpu_and_warns_of_tp_across_nodes(slurm, tmp_path, launch_env):
+    """Ranks per node come from SLURM's grant (2 GPUs per node here), not from counting devices
+    on each node; tp=4 over nodes of 2 ranks would all-reduce across the network."""
+    config, run_dir = _config(tmp_path)
+    state, output, _ = _job(slurm, tmp_path, launch_env, config, launch="torchrun",
+                            resources=("-N", "2", "--ntasks-per-node=1", "--gpus-per-node=2", "--cpus-per-gpu=1"))
+    assert state == "COMPLETED", output[-3000:]
+    assert "gptscale train: torchrun: rank 0 of 4, local rank 0" in output, output[-3000:]
+    assert (run_dir / "checkpoints" / "step00000003" / "COMPLETE.json").is_file()
+    config.write_text(config.read_text().replace("block_size: 64}", "block_size: 64, n_head: 4}")
+                      .replace("out_dir: " + str(run_dir), "out_dir: " + str(tmp_path / "tp4")) + "parallel: {tp: 4}\n")
+    state, output, _ = _job(slurm, tmp_path, launch_env, config, name="tp4", launch="torchrun",
+                            resources=("-N", "2", "--ntasks-per-node=1", "--gpus-per-node=2", "--cpus-per-gpu=1"))
+    # An error with NCCL; on these CPU nodes (gloo) a warning, and the run goes on.
+    assert "warning: parallel.tp=4 does not divide the 2 rank(s) on this node" in output, output[-3000:]
+
+
 def test_two_jobs_run_at_once_on_the_same_nodes(slurm, tmp_path, launch_env):
     """Each job takes one GPU and one CPU of both nodes; on main both took port 29500."""
     one = ("-N", "2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-gpu=1")
