@@ -79,6 +79,8 @@ def run(args, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
 
 # -- SLURM ----------------------------------------------------------------------------------
 
+# cred_expire=10: a requeued job may start again 10 s after its old run (SLURM waits for the old
+# run's credentials to expire: 120 s by default, which only slows the tests).
 SLURM_CONF = """\
 ClusterName=gptscale
 SlurmctldHost=localhost
@@ -87,7 +89,7 @@ SlurmdUser=root
 SlurmctldPort={ctld_port}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge/munge.socket
+AuthInfo=socket={root}/munge/munge.socket,cred_expire=10
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
