@@ -13,7 +13,7 @@ import pytest
 from tests.launch.cluster import REPO, wait_until
 
 pytestmark = pytest.mark.launch
-STEPS = 12
+STEPS = 24  # long enough that a signal sent after step 3 arrives before the end
 
 
 def _config(tmp_path, shards, name, **train):
