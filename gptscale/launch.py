@@ -48,15 +48,13 @@ class LaunchEnv:
 
 def cpu_ranges(cpus) -> str:
     """{0, 1, 2, 5} -> '0-2,5'."""
-    out, run = [], []
+    runs: list[list[int]] = []
     for cpu in sorted(cpus):
-        if run and cpu != run[-1] + 1:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-            run = []
-        run.append(cpu)
-    if run:
-        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(out)
+        if runs and cpu == runs[-1][-1] + 1:
+            runs[-1].append(cpu)
+        else:
+            runs.append([cpu])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def _int(env, *names: str, default: int | None = None) -> int | None:
@@ -318,9 +316,9 @@ def init_distributed(timeout_s: float = 600.0, rendezvous_timeout_s: float | Non
         # The agent keeps its store across the rounds of a restarted group (torchrun --max-restarts):
         # each round gets keys of its own, or it reads the dead round's addresses.
         store = dist.PrefixStore(f"/gptscale/round_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    where = f"{socket.gethostname()} cpus {cpu_ranges(os.sched_getaffinity(0))} " + \
-        (f"cuda:{device} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})" if device is not None
-         else f"cpu (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    where = (f"{socket.gethostname()} cpus {cpu_ranges(os.sched_getaffinity(0))} "
+             f"{'cpu' if device is None else f'cuda:{device}'} "
+             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
     placement = wait_for_world(store, found.rank, found.world_size, rendezvous, where)
     dist.init_process_group(backend, store=store, rank=found.rank, world_size=found.world_size,
                             timeout=timedelta(seconds=timeout_s))

@@ -37,10 +37,12 @@ else
 fi
 RDZV=${RDZV:-static}
 RDZV_TIMEOUT=${RDZV_TIMEOUT:-${GPTSCALE_RENDEZVOUS_TIMEOUT:-300}}
+# GPUs on this node: SLURM's grant, else torch's count (asked only when it is needed: a python start).
 gpus=${SLURM_GPUS_ON_NODE:-}
-if [[ -z "$gpus" ]]; then
+if [[ -z "$gpus" && ( -z "${NPROC_PER_NODE:-}" || -n "$(command -v nvidia-smi)" ) ]]; then
     gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
 fi
+gpus=${gpus:-0}
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
     NPROC_PER_NODE=$(( gpus > 0 ? gpus : 1 ))
 fi

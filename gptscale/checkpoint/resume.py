@@ -128,11 +128,8 @@ def check_shared_folder(folder: Path, seconds: float = 10.0) -> None:
     import uuid
 
     name = [f".gptscale-shared-{uuid.uuid4().hex}" if dist.get_rank() == 0 else None]
-    if dist.get_rank() == 0:
-        error = attempt(lambda: (folder.mkdir(parents=True, exist_ok=True), (folder / name[0]).write_text("")))
-        agree(error, f"writing to train.out_dir {folder}")
-    else:
-        agree(None, f"writing to train.out_dir {folder}")
+    agree(attempt(lambda: (folder.mkdir(parents=True, exist_ok=True), (folder / name[0]).write_text("")))
+          if dist.get_rank() == 0 else None, f"writing to train.out_dir {folder}")
     dist.broadcast_object_list(name, src=0)
     probe = folder / name[0]
     deadline = time.monotonic() + seconds
@@ -144,9 +141,8 @@ def check_shared_folder(folder: Path, seconds: float = 10.0) -> None:
         f"on host {socket.gethostname()} it cannot see {probe}, which rank 0 wrote: train.out_dir must be one folder "
         f"that every node shares (an absolute path on NFS, Lustre, GPFS), not a node-local or relative path")
     try:
-        agree(seen, f"train.out_dir {folder} is not shared between the nodes")
+        agree(seen, f"train.out_dir {folder} is not shared between the nodes")  # every rank has looked
     finally:
-        dist.barrier()
         if dist.get_rank() == 0:
             probe.unlink(missing_ok=True)
 

@@ -16,7 +16,6 @@ import signal
 import sys
 import time
 import uuid
-from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,8 +147,7 @@ class Trainer:
         deepspeed = import_deepspeed()
         _quiet_libraries()
         launch = init_distributed(timeout_s=cfg.parallel.collective_timeout_s)
-        deepspeed.init_distributed(dist_backend=dist.get_backend(),
-                                   timeout=timedelta(seconds=cfg.parallel.collective_timeout_s))
+        deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the group started above
         self.topo = Topology.from_env(cfg.parallel)
         check_tp_within_node(cfg.parallel.tp, launch, dist.get_backend())
         self.rank = dist.get_rank()
