@@ -50,6 +50,20 @@ def main(argv: list[str] | None = None) -> int:
         _tell_torchrun(err)
         _tell_job_script(err)
         return 2
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Tear down the process group a command started before the interpreter exits: left to
+    interpreter shutdown, its C++ threads were sometimes destroyed while still running
+    ("terminate called without an active exception", SIGABRT instead of the exit code)."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _tell_job_script(err: BaseException) -> None:
