@@ -59,3 +59,31 @@ def sync_filesystem(path: str | Path) -> None:
         os.sync()
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def staged_folder(final: str | Path) -> Iterator[Path]:
+    """A new folder `final`, written as `.NAME.partial-PID` beside it and renamed into place
+    only when the block succeeds (removed if it fails): no reader ever sees half of it. An
+    existing `final` is refused, never merged into or replaced."""
+    import shutil
+
+    from gptscale.errors import ConfigError
+
+    final = Path(final)
+    if final.exists():
+        raise ConfigError(f"output folder {final} already exists; choose a new one or remove it first")
+    if not final.parent.is_dir():
+        raise ConfigError(f"the folder {final.parent} (parent of the output {final.name}) does not exist")
+    staging = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        for folder, _, _ in os.walk(staging):
+            fsync_dir(folder)
+        os.rename(staging, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

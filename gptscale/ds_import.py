@@ -3,7 +3,6 @@ CUDA, DeepSpeed must be told to use its CPU accelerator before it is first impor
 gptscale's modules call `import_deepspeed()` instead of `import deepspeed`."""
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 
@@ -91,31 +90,3 @@ def guard_engine_loads(engine) -> None:
     """Make this engine read its checkpoint files with `load_without_code` (instance attribute;
     DeepSpeed's own TorchCheckpointEngine.load unpickles anything)."""
     engine.checkpoint_engine.load = lambda path, map_location=None: load_without_code(path, map_location)
-
-
-class _TorchLoadingWithoutCode:
-    """The torch module as zero_to_fp32 sees it, with torch.load replaced."""
-
-    def __init__(self, torch_module):
-        self._torch = torch_module
-
-    def __getattr__(self, name):
-        return getattr(self._torch, name)
-
-    @staticmethod
-    def load(path, map_location=None, **kwargs):
-        return load_without_code(path, map_location, **kwargs)
-
-
-@contextlib.contextmanager
-def zero_to_fp32_without_code():
-    """DeepSpeed's zero_to_fp32 module, reading files with `load_without_code` while the block runs."""
-    import_deepspeed()
-    from deepspeed.utils import zero_to_fp32
-
-    real = zero_to_fp32.torch
-    zero_to_fp32.torch = _TorchLoadingWithoutCode(real)
-    try:
-        yield zero_to_fp32
-    finally:
-        zero_to_fp32.torch = real

@@ -51,6 +51,10 @@ class Layout:
     pp: int
     dp: int
 
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -10,7 +10,7 @@ import os
 import sys
 
 from gptscale import modes
-from gptscale.cli import data, info, train
+from gptscale.cli import convert, data, info, train
 from gptscale.cli.options import OneLineParser
 from gptscale.errors import UserError
 
@@ -26,6 +26,7 @@ commands:
   train      pretrain in any run mode ({", ".join(modes.names()[1:])}; run it under a launcher)
   generate   sample text from a training checkpoint of any run mode and layout
   plot       draw a run's loss curves to RUN/loss.png
+  convert    consolidate a checkpoint (any layout), export to / import from Hugging Face
 """
 
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_parsers(sub)
     data.add_parsers(sub)
     train.add_parsers(sub)
+    convert.add_parsers(sub)
     return parser
 
 

@@ -7,9 +7,27 @@ from __future__ import annotations
 
 import torch
 
-from gptscale.parallel.layers import Split
+from gptscale.config import ModelConfig
+from gptscale.model.gpt import GPT
+from gptscale.parallel.layers import Split, split_table
+from gptscale.parallel.topology import TPGroup
 
 StateDict = dict[str, torch.Tensor]
+
+
+def canonical_layout(cfg: ModelConfig) -> tuple[dict[str, torch.Size], dict[str, Split]]:
+    """Every canonical tensor's shape (vocabulary unpadded) and TP split, in the dense model's
+    order, read off the model itself built on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = GPT(cfg, TPGroup.single())
+    table = split_table(model)
+    shapes = {name: torch.Size((cfg.vocab_size, *p.shape[1:])) if table[name] is Split.VOCAB else p.shape
+              for name, p in model.named_parameters()}
+    return shapes, table
+
+
+def canonical_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    return canonical_layout(cfg)[0]
 
 
 def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
@@ -37,14 +55,14 @@ def split_tp(full: StateDict, table: dict[str, Split], tp: int, padded_vocab: in
     return shards
 
 
+def merge_tensor(pieces: list[torch.Tensor], split: Split, vocab_size: int) -> torch.Tensor:
+    """One tensor's TP shards (in TP-rank order) -> the canonical tensor (vocabulary unpadded)."""
+    if split.dim is None:
+        return pieces[0].clone() if len(pieces) > 1 else pieces[0]
+    tensor = torch.cat(pieces, dim=split.dim) if len(pieces) > 1 else pieces[0]
+    return tensor[:vocab_size].clone() if split is Split.VOCAB else tensor
+
+
 def merge_tp(shards: list[StateDict], table: dict[str, Split], vocab_size: int) -> StateDict:
     """One state dict per TP rank (in TP-rank order) -> the canonical state dict."""
-    merged: StateDict = {}
-    for name in shards[0]:
-        split = table[name]
-        if split.dim is None:
-            merged[name] = shards[0][name].clone()
-            continue
-        tensor = torch.cat([s[name] for s in shards], dim=split.dim)
-        merged[name] = tensor[:vocab_size].clone() if split is Split.VOCAB else tensor
-    return merged
+    return {name: merge_tensor([s[name] for s in shards], table[name], vocab_size) for name in shards[0]}

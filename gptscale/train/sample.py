@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from gptscale.checkpoint.consolidate import consolidate
+from gptscale.checkpoint.read import consolidate
 from gptscale.checkpoint.layout import TOKENIZER, CheckpointMeta
 from gptscale.config import RunConfig, TrainConfig
 from gptscale.convert.tp import split_tp

@@ -1,0 +1,260 @@
+"""Any training checkpoint, read tensor by tensor in canonical form (TP-merged, unpadded, fp32).
+
+DeepSpeed's files are memory-mapped, never loaded whole, and the pages a tensor was copied
+from are handed back to the kernel at once, so reading a 70B checkpoint needs the memory of
+its largest tensor, not of the model (DeepSpeed's zero_to_fp32 materialises the whole fp32
+state dict). Where each canonical tensor lives, by the mode's CheckpointFiles kind:
+
+    ONE_ZERO_ENGINE        per TP rank, every DP rank's zero_pp_rank_D_mp_rank_TT_optim_states.pt
+                           holds 1/dp of each parameter ("fp32_flat_groups", one flat tensor per
+                           optimizer group); the parameters' names and shapes are in its model
+                           states file. Adam's moments are partitioned the same way.
+    ZERO_ENGINE_PER_STAGE  the same, per pipeline stage folder, names `layers.<i>.<name>`.
+    PIPELINE_LAYERS        whole fp32 weights per stage layer and TP rank (optimizer state:
+                           DeepSpeed's ZeRO-1 flat buffers, not read here).
+
+The TP shards of one tensor are then merged with the split table (convert/tp.py).
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from gptscale import config, modes
+from gptscale.checkpoint.layout import (CONFIG, TOKENIZER, CheckpointMeta, Layout, pipeline_layer_file,
+                                        rank_state_file, stage_dir)
+from gptscale.checkpoint.rank_state import load_rank_state
+from gptscale.config import RunConfig
+from gptscale.convert.tp import canonical_layout, merge_tensor
+from gptscale.ds_import import load_without_code
+from gptscale.errors import CheckpointError
+from gptscale.model.stages import StageLayer, StageModule, layers_with_parameters, stage_bounds, stage_layers
+from gptscale.modes import CheckpointFiles
+from gptscale.parallel.topology import TPGroup
+
+STATES = ("fp32", "exp_avg", "exp_avg_sq")  # what a ZeRO engine keeps per parameter element
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Tell the kernel that the mapped file pages under `tensor` are not needed any more.
+    They are clean (never written), so they drop out of this process's RSS and are read from
+    the file again if touched; without this, every page read stays resident until the file
+    is closed, and reading a whole checkpoint would cost its whole size."""
+    storage = tensor.untyped_storage()
+    if storage.nbytes() == 0:
+        return
+    page = mmap.PAGESIZE
+    start = storage.data_ptr() + tensor.storage_offset() * tensor.element_size()
+    end = start + tensor.numel() * tensor.element_size()
+    first = start // page * page
+    _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first), 4)  # MADV_DONTNEED
+
+
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return _LIBC
+
+
+def _mapped(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete (copied in part?) "
+                              f"or was written with another layout")
+    state = load_without_code(path, map_location="cpu", mmap=True)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a DeepSpeed state dict; the file is damaged")
+    return state
+
+
+class ZeroEngineFiles:
+    """One ZeRO-3 engine's files for one TP rank: each parameter (and its Adam moments)
+    split into `dp` equal partitions, rank d holding elements [d*n, (d+1)*n) of the padded
+    flat parameter, parameters packed one after another per optimizer group."""
+
+    def __init__(self, folder: Path, tp_rank: int, dp: int):
+        self.folder = folder
+        model = _mapped(folder / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt")
+        groups = model.get("param_shapes")
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise CheckpointError(f"{folder}: the model states of TP rank {tp_rank} lack 'param_shapes'; not a "
+                                  f"DeepSpeed ZeRO-3 checkpoint")
+        self.optim = []
+        for d in range(dp):
+            path = folder / f"zero_pp_rank_{d}_mp_rank_{tp_rank:02d}_optim_states.pt"
+            state = _mapped(path).get("optimizer_state_dict")
+            if not isinstance(state, dict) or int(state.get("zero_stage", 0)) != 3 or state.get("partition_count") != dp:
+                raise CheckpointError(f"{path} is not a ZeRO-3 partition of {dp} (zero_stage "
+                                      f"{state.get('zero_stage') if isinstance(state, dict) else None}); the checkpoint "
+                                      f"does not match its COMPLETE.json layout")
+            self.optim.append(state)
+        self.frozen = self._frozen(model, folder, tp_rank, dp)
+        # name -> (group, offset into each rank's flat partition, partition length, shape)
+        self.where: dict[str, tuple[int, int, int, torch.Size]] = {}
+        for g, shapes in enumerate(groups):
+            offset = 0
+            for name, shape in shapes.items():
+                numel = torch.Size(shape).numel()
+                part = -(-numel // dp)
+                self.where[name] = (g, offset, part, torch.Size(shape))
+                offset += part
+            for d, state in enumerate(self.optim):
+                flat = self._flat(state, "fp32", g)
+                if flat.numel() != offset:
+                    raise CheckpointError(f"{folder}: DP rank {d}'s partition of optimizer group {g} has "
+                                          f"{flat.numel()} elements, its parameters need {offset}; the files are "
+                                          f"damaged or from different saves")
+
+    @staticmethod
+    def _frozen(model: dict, folder: Path, tp_rank: int, dp: int) -> dict[str, tuple[list[torch.Tensor], torch.Size]]:
+        """Frozen (not trained) parameters: each DP rank's model states file holds its fragment."""
+        shapes = model.get("frozen_param_shapes") or {}
+        if not shapes:
+            return {}
+        fragments = [model.get("frozen_param_fragments") or {}]
+        for d in range(1, dp):
+            other = _mapped(folder / f"zero_pp_rank_{d}_mp_rank_{tp_rank:02d}_model_states.pt")
+            fragments.append(other.get("frozen_param_fragments") or {})
+        return {name: ([f[name] for f in fragments], torch.Size(shape)) for name, shape in shapes.items()
+                if all(name in f for f in fragments)}
+
+    def names(self) -> list[str]:
+        return list(self.where) + [n for n in self.frozen if n not in self.where]
+
+    def _flat(self, state: dict, kind: str, group: int) -> torch.Tensor:
+        try:
+            if kind == "fp32":
+                return state["fp32_flat_groups"][group]
+            return state["optimizer_state_dict"]["state"][group][kind]
+        except (KeyError, IndexError, TypeError):
+            raise CheckpointError(f"{self.folder}: no {kind} state for optimizer group {group}; the checkpoint "
+                                  f"holds no optimizer state of that kind") from None
+
+    def tensor(self, name: str, kind: str = "fp32") -> torch.Tensor:
+        """This TP rank's whole `name` (fp32 weights or an Adam moment), in fresh memory."""
+        if name not in self.where:
+            if kind != "fp32":
+                raise CheckpointError(f"{self.folder}: {name} is frozen and has no optimizer state")
+            pieces, shape = self.frozen[name]
+            return torch.cat([p.flatten() for p in pieces])[:shape.numel()].view(shape).clone()
+        group, offset, part, shape = self.where[name]
+        out = torch.empty(part * len(self.optim), dtype=torch.float32)
+        for d, state in enumerate(self.optim):
+            piece = self._flat(state, kind, group).narrow(0, offset, part)
+            out[d * part:(d + 1) * part].copy_(piece)
+            release_pages(piece)
+        return out[:shape.numel()].view(shape)
+
+
+class CheckpointReader:
+    """A training checkpoint folder of any mode and layout, as canonical tensors on demand."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.meta = CheckpointMeta.read(self.path)
+        self.layout: Layout = self.meta.layout
+        self.cfg: RunConfig = config.load(self.path / CONFIG)
+        mode = modes.by_name(self.layout.mode) if self.layout.mode in modes.names() else None
+        if mode is None:
+            raise CheckpointError(f"{self.path / 'COMPLETE.json'}: unknown run mode {self.layout.mode!r}; one of "
+                                  f"{', '.join(modes.names()[1:])}")
+        tp = self.layout.tp
+        self.shapes, self.table = canonical_layout(self.cfg.model)
+        with torch.device("meta"):
+            layers = stage_layers(self.cfg.model, TPGroup.shape_only(tp))
+        self.tokenizer_dir = self.path / TOKENIZER if (self.path / TOKENIZER).is_dir() else None
+        # canonical name -> per TP rank, (files, the name inside them)
+        self._sources: dict[str, list[tuple[object, str]]] = {}
+        self.kind = kind = mode.checkpoint_files
+        if kind is CheckpointFiles.PIPELINE_LAYERS:
+            self._index_pipeline_layers(layers, tp)
+        elif kind is CheckpointFiles.ZERO_ENGINE_PER_STAGE:
+            bounds = stage_bounds(self.cfg.model, self.layout.pp, self.cfg.parallel.pipe_partition)
+            for stage in range(self.layout.pp):
+                specs = layers[bounds[stage]:bounds[stage + 1]]
+                engines = [ZeroEngineFiles(stage_dir(self.path, stage), t, self.layout.dp) for t in range(tp)]
+                for local in engines[0].names():
+                    self._sources.setdefault(StageModule.canonical_name(specs, local),
+                                             [(e, local) for e in engines])
+        else:
+            engines = [ZeroEngineFiles(self.path, t, self.layout.dp) for t in range(tp)]
+            for local in engines[0].names():
+                self._sources[local.removeprefix("module.")] = [(e, local) for e in engines]
+        missing = [n for n in self.shapes if n not in self._sources]
+        unexpected = [n for n in self._sources if n not in self.shapes]
+        if missing or unexpected:
+            raise CheckpointError(f"{self.path}: its files do not hold the weights of the model in {CONFIG} "
+                                  f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. "
+                                  f"{unexpected[:2]}); the config and the files come from different runs")
+
+    def _index_pipeline_layers(self, layers: list[StageLayer], tp: int) -> None:
+        for index in layers_with_parameters(layers):
+            files = [_PipelineLayerFile(pipeline_layer_file(self.path, index, t)) for t in range(tp)]
+            for local in files[0].names():
+                self._sources.setdefault(layers[index].prefix + local, [(f, local) for f in files])
+
+    def trainer_state(self) -> dict:
+        """What a run needs besides tensors to continue: the step, the layout it was saved at
+        and every rank's data-loader position (the learning-rate schedule follows the step)."""
+        if self.kind is CheckpointFiles.PIPELINE_LAYERS:
+            raise CheckpointError(f"{self.path}: the optimizer state of a {self.layout.mode} checkpoint (DeepSpeed's "
+                                  f"ZeRO stage <= 1 flat buffers) is not read by gptscale convert; consolidate the "
+                                  f"weights only, or train with parallel.mode=pipe_zero3 or zero3")
+        data = [load_rank_state(rank_state_file(self.path, r))[0] for r in range(self.layout.world_size)]
+        return {"step": self.meta.step, "run_id": self.meta.run_id, "layout": self.layout.to_json(), "data": data}
+
+    @property
+    def names(self) -> list[str]:
+        """Canonical names, in the dense model's order."""
+        return list(self.shapes)
+
+    def tensor(self, name: str, kind: str = "fp32") -> torch.Tensor:
+        """The canonical (TP-merged, unpadded) fp32 `name`: weights, or an Adam moment."""
+        pieces = [files.tensor(local, kind) for files, local in self._sources[name]]
+        merged = merge_tensor(pieces, self.table[name], self.cfg.model.vocab_size)
+        if merged.shape != self.shapes[name]:
+            raise CheckpointError(f"{self.path}: {name} has shape {tuple(merged.shape)} in the files, the model in "
+                                  f"{CONFIG} has {tuple(self.shapes[name])}; the config does not match the weights")
+        return merged
+
+    def items(self, kind: str = "fp32") -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.names:
+            yield name, self.tensor(name, kind)
+
+
+class _PipelineLayerFile:
+    """One stage layer's weights of one TP rank, as DeepSpeed's PipelineEngine saved them."""
+
+    def __init__(self, path: Path):
+        if not path.is_file():
+            raise CheckpointError(f"pipeline checkpoint {path.parent} lacks {path.name}; it is incomplete or was "
+                                  f"written by another model")
+        self.path = path
+        self.state = _mapped(path)
+
+    def names(self) -> list[str]:
+        return list(self.state)
+
+    def tensor(self, name: str, kind: str = "fp32") -> torch.Tensor:
+        if kind != "fp32":
+            raise CheckpointError(f"{self.path.parent}: the optimizer state of a pipe (ZeRO stage <= 1) checkpoint "
+                                  f"is not read by gptscale convert; consolidate its weights only")
+        stored = self.state[name]
+        out = stored.float().clone()
+        release_pages(stored)
+        return out
+
+
+def consolidate(path: str | Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:
+    """(the run config, canonical fp32 weights) of the checkpoint folder `path`, all in memory
+    (for `generate` and tests; `gptscale convert` streams instead)."""
+    reader = CheckpointReader(path)
+    return reader.cfg, dict(reader.items())
