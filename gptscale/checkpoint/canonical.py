@@ -49,6 +49,9 @@ class Source(Protocol):
 
     def tensor(self, name: str, kind: str = "fp32") -> torch.Tensor: ...
 
+    def tensor_slice(self, name: str, index: tuple | None) -> torch.Tensor:
+        """`tensor(name)[index]`, reading no more than that where the format allows."""
+
 
 def is_canonical(folder: Path) -> bool:
     return (folder / CONFIG).is_file() and ((folder / "model.safetensors").is_file()
@@ -103,6 +106,9 @@ class CanonicalFolder:
             return self.weights.tensor(name).float()
         return self._optimizer.tensor(key)
 
+    def tensor_slice(self, name: str, index: tuple | None) -> torch.Tensor:
+        return self.weights.slice(name, index)
+
     def trainer_state(self) -> dict:
         try:
             state = json.loads((self.path / TRAINER_STATE).read_text())
@@ -139,3 +145,30 @@ def write_canonical(source: Source, out: str | Path, dtype: str = "fp32", with_o
             shutil.copytree(source.tokenizer_dir, staging / TOKENIZER,
                             ignore=lambda d, names: [n for n in names if not n.endswith(".json")])
     return out
+
+
+class CanonicalFile:
+    """One safetensors file of canonical weights (as `checkpoint.weights.save_canonical`
+    writes), for a model whose config the caller knows."""
+
+    tokenizer_dir = None
+
+    def __init__(self, path: Path, model_cfg):
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: a weights file must be .safetensors (a pickle could run code)")
+        self.weights = ShardedSafetensors(path.parent, path.name.removesuffix(".safetensors"))
+        self.shapes = {name: torch.Size(self.weights.shape(name)) for name in self.weights.names}
+        self.cfg = None
+        self.model_cfg = model_cfg
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def tensor(self, name: str, kind: str = "fp32") -> torch.Tensor:
+        if kind != "fp32":
+            raise CheckpointError(f"{self.weights.folder}: a weights file holds no optimizer state")
+        return self.weights.tensor(name).float()
+
+    def tensor_slice(self, name: str, index: tuple | None) -> torch.Tensor:
+        return self.weights.slice(name, index)

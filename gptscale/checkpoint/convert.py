@@ -1,10 +1,12 @@
-"""Open whatever a user points a conversion at: a training checkpoint (any mode and layout),
-a canonical folder or a Hugging Face folder, each as a source of canonical tensors."""
+"""Open whatever a user points a conversion (or train.init_from) at: a training checkpoint (any
+mode and layout), a canonical folder or file, or a Hugging Face folder, each as a source of
+canonical tensors (checkpoint/canonical.py's `Source`)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from gptscale.checkpoint.canonical import CanonicalFolder, Source, is_canonical
+from gptscale.checkpoint.canonical import CanonicalFile, CanonicalFolder, Source, is_canonical
+from gptscale.checkpoint.hf_folder import HFFolder, is_hf_folder
 from gptscale.checkpoint.layout import COMPLETE
 from gptscale.checkpoint.read import CheckpointReader
 from gptscale.errors import CheckpointError
@@ -19,5 +21,17 @@ def open_source(path: str | Path) -> Source:
         return CheckpointReader(path)
     if is_canonical(path):
         return CanonicalFolder(path)
-    raise CheckpointError(f"{path} is neither a complete gptscale checkpoint ({COMPLETE}) nor a canonical folder "
-                          f"(config.yaml + model.safetensors)")
+    if is_hf_folder(path):
+        return HFFolder(path)
+    raise CheckpointError(f"{path} is neither a complete gptscale checkpoint ({COMPLETE}), a canonical folder "
+                          f"(config.yaml + model.safetensors) nor a Hugging Face model folder (config.json)")
+
+
+def open_weights(path: str | Path, model_cfg) -> Source:
+    """`open_source`, or a single canonical safetensors file for a model of `model_cfg`."""
+    path = Path(path)
+    if path.is_file():
+        return CanonicalFile(path, model_cfg)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    return open_source(path)

@@ -225,6 +225,10 @@ class CheckpointReader:
                                   f"{CONFIG} has {tuple(self.shapes[name])}; the config does not match the weights")
         return merged
 
+    def tensor_slice(self, name: str, index: tuple | None) -> torch.Tensor:
+        tensor = self.tensor(name)
+        return tensor if index is None else tensor[index]
+
     def items(self, kind: str = "fp32") -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names:
             yield name, self.tensor(name, kind)

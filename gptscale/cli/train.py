@@ -60,11 +60,13 @@ def add_parsers(sub) -> None:
                         "events train.out_dir already holds")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="sample text from a training checkpoint",
-                       description="Consolidate a training checkpoint (any run mode, any TP x PP x DP layout) in this "
-                                   "process and continue a prompt. The tokenizer is the training data's, unless "
-                                   "--tokenizer is given.")
-    p.add_argument("--checkpoint", required=True, help="RUN/checkpoints/stepNNNNNNNN")
+    p = sub.add_parser("generate", help="sample text from a checkpoint, canonical or Hugging Face folder",
+                       description="Load a training checkpoint (any run mode, any TP x PP x DP layout), a canonical "
+                                   "folder ('gptscale convert consolidate / from-hf') or a local Hugging Face GPT-2 / "
+                                   "Llama folder in this process and continue a prompt. The tokenizer is the one "
+                                   "saved with the weights, unless --tokenizer is given.")
+    p.add_argument("--checkpoint", required=True,
+                   help="RUN/checkpoints/stepNNNNNNNN, a canonical folder or a Hugging Face model folder")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=non_negative_float, default=TrainConfig.sample_temperature, help="0 = greedy")

@@ -2,13 +2,12 @@
 the end of a run (from the live model where its mode allows, else from the final checkpoint)."""
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 
 import torch
 
-from gptscale.checkpoint.read import consolidate
+from gptscale.checkpoint.convert import open_source
+from gptscale.checkpoint.read import CheckpointReader
 from gptscale.checkpoint.layout import TOKENIZER, CheckpointMeta
 from gptscale.config import RunConfig, TrainConfig
 from gptscale.convert.tp import split_tp
@@ -27,9 +26,17 @@ def generate_from_checkpoint(checkpoint: str | Path, prompt: str, *, max_new_tok
                              temperature: float = TrainConfig.sample_temperature,
                              top_k: int | None = TrainConfig.sample_top_k, seed: int = 0,
                              tokenizer: str | None = None) -> str:
-    with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every file it reads
-        cfg, weights = consolidate(checkpoint)
-    tok = checkpoint_tokenizer(Path(checkpoint), cfg, tokenizer)
+    """`checkpoint`: a training checkpoint (any mode and layout), a canonical folder or a
+    Hugging Face folder."""
+    source = open_source(checkpoint)
+    cfg = source.cfg
+    weights = {name: source.tensor(name) for name in source.names}
+    if isinstance(source, CheckpointReader):
+        tok = checkpoint_tokenizer(Path(checkpoint), cfg, tokenizer)
+    elif tokenizer is not None or source.tokenizer_dir is not None:
+        tok = TextTokenizer.load(tokenizer if tokenizer is not None else source.tokenizer_dir)
+    else:
+        raise ConfigError(f"{checkpoint} holds no tokenizer; pass --tokenizer")
     model = GPT(cfg.model)
     model.load_state_dict(split_tp(weights, split_table(model), 1, model.padded_vocab)[0])
     ids = tok.encode(prompt)
