@@ -102,7 +102,7 @@ class CanonicalFolder:
         if self._optimizer is None:
             self._optimizer = ShardedSafetensors(self.path, "optimizer")
         key = f"{'master' if kind == 'fp32' else kind}.{name}"
-        if key not in self._optimizer.where:  # fp32 weights are not stored twice
+        if key not in self._optimizer.stored:  # fp32 weights are not stored twice
             return self.weights.tensor(name).float()
         return self._optimizer.tensor(key)
 

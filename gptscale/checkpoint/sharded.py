@@ -18,7 +18,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
@@ -101,12 +101,67 @@ def _write_one(path: Path, entries: list[Entry], produce, metadata: dict[str, st
         os.fsync(f.fileno())
 
 
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where one tensor's bytes are in a safetensors file."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute file offset of its first byte
+
+
+def read_header(path: Path) -> tuple[dict[str, Stored], dict[str, str]]:
+    """(tensors, metadata) of one safetensors file, every field checked against the format and
+    the file's size (a truncated or forged file is refused here, before any tensor is read)."""
+    names = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path} is not a valid safetensors file ({why}); it is damaged or truncated")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad("shorter than its 8-byte header length")
+            length = struct.unpack("<Q", head)[0]
+            if length > MAX_HEADER_BYTES or 8 + length > size:
+                raise bad(f"header of {length} bytes in a file of {size}")
+            header = json.loads(f.read(length))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise bad(type(exc).__name__) from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise bad("__metadata__ is not a mapping of strings")
+    data_start, tensors = 8 + length, {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = names[info["dtype"]], info["shape"], info["data_offsets"]
+            if not all(type(n) is int and n >= 0 for n in (*shape, begin, end)):
+                raise ValueError("negative or non-integer sizes")
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"entry {name!r} lacks a known dtype, a shape or data offsets") from None
+        numel = 1
+        for n in shape:
+            numel *= n
+        if end - begin != numel * torch.empty((), dtype=dtype).element_size() or data_start + end > size:
+            raise bad(f"{name} needs bytes {begin}..{end} of data, the file holds {size - data_start}")
+        tensors[name] = Stored(path, dtype, tuple(shape), data_start + begin)
+    return tensors, metadata
+
+
 class ShardedSafetensors:
-    """Read `STEM.safetensors` or its sharded form in `folder`: names, shapes and slices."""
+    """Read `STEM.safetensors` or its sharded form in `folder`: names, shapes and slices. Bytes
+    are read with positioned reads into fresh tensors, never memory-mapped, so a process keeps
+    in memory only what it asked for (mapped pages would count towards its RSS until closed)."""
 
     def __init__(self, folder: str | Path, stem: str = "model"):
-        from safetensors import SafetensorError, safe_open
-
         self.folder = Path(folder)
         index = self.folder / f"{stem}.safetensors.index.json"
         single = self.folder / f"{stem}.safetensors"
@@ -118,23 +173,18 @@ class ShardedSafetensors:
             files = [single.name]
         else:
             raise CheckpointError(f"{self.folder} holds neither {single.name} nor {index.name}")
-        self._handles = {}
-        self.where: dict[str, str] = {}
+        self.stored: dict[str, Stored] = {}
+        self.metadata: dict[str, str] = {}
         for file in files:
-            try:
-                handle = safe_open(str(self.folder / file), framework="pt")
-            except (SafetensorError, OSError) as exc:
-                raise CheckpointError(f"{self.folder / file} is not a readable safetensors file "
-                                      f"({str(exc).splitlines()[0][:160]}); it is damaged or truncated") from None
-            self._handles[file] = handle
-            for name in handle.keys():
-                self.where.setdefault(name, file)
+            tensors, metadata = read_header(self.folder / file)
+            self.metadata = self.metadata or metadata
+            for name, where in tensors.items():
+                self.stored.setdefault(name, where)
         if listed:
-            wrong = [n for n, f in listed.items() if self.where.get(n) != f]
+            wrong = [n for n, f in listed.items() if n not in self.stored or self.stored[n].file.name != f]
             if wrong:
                 raise CheckpointError(f"{index} names {wrong[:2]} in files that do not hold them; the folder is "
                                       f"damaged or mixed from two saves")
-        self.metadata: dict[str, str] = next(iter(self._handles.values())).metadata() or {}
 
     @staticmethod
     def _read_index(index: Path) -> dict:
@@ -157,27 +207,45 @@ class ShardedSafetensors:
 
     @property
     def names(self) -> list[str]:
-        return list(self.where)
+        return list(self.stored)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self.where[name]].get_slice(name).get_shape())
+        return self._stored(name).shape
 
     def tensor(self, name: str) -> torch.Tensor:
         return self.slice(name, None)
 
-    def slice(self, name: str, index) -> torch.Tensor:
-        """`name`, or only `index` of it (a tuple of slices): nothing else is read from disk."""
-        from safetensors import SafetensorError
+    def slice(self, name: str, index: tuple | None) -> torch.Tensor:
+        """`name`, or `tensor[index]` for a tuple of slices: a range of rows is read alone, a
+        slice of another dimension from the whole tensor (one tensor, never the file)."""
+        where = self._stored(name)
+        index = index or ()
+        rows = index[0] if index and where.shape else slice(None)
+        if where.shape and rows.step in (None, 1):
+            first, stop, _ = rows.indices(where.shape[0])
+            stop, rest = max(first, stop), (slice(None), *index[1:])
+        else:
+            first, stop, rest = 0, (where.shape[0] if where.shape else 0), index
+        out = self._read(name, where, first, stop)
+        return out[rest].clone() if any(part != slice(None) for part in rest) else out
 
-        if name not in self.where:
-            raise CheckpointError(f"{self.folder} holds no tensor {name!r}")
+    @staticmethod
+    def _read(name: str, where: Stored, first: int, stop: int) -> torch.Tensor:
+        """Rows first..stop of the stored tensor (all of a 0-d one) into fresh memory."""
+        shape = (stop - first, *where.shape[1:]) if where.shape else ()
+        out = torch.empty(shape, dtype=where.dtype)
+        row_bytes = out[0].numel() * out.element_size() if where.shape and len(out) else 0
+        buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         try:
-            part = self._handles[self.where[name]].get_slice(name)
-            return part[index] if index is not None else part[:]
-        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"{self.folder / self.where[name]}: cannot read {name} "
-                                  f"({str(exc).splitlines()[0][:160]}); the file is damaged or truncated") from None
+            with open(where.file, "rb") as f:
+                f.seek(where.start + first * row_bytes)
+                if f.readinto(buffer) != len(buffer):
+                    raise OSError("short read")
+        except OSError as exc:
+            raise CheckpointError(f"{where.file}: cannot read {name} ({exc}); the file is damaged or truncated") from None
+        return out
 
-
-def iter_entries(names: Iterable[str], shapes: dict[str, torch.Size], dtype: torch.dtype) -> list[Entry]:
-    return [Entry(name, tuple(shapes[name]), dtype) for name in names]
+    def _stored(self, name: str) -> Stored:
+        if name not in self.stored:
+            raise CheckpointError(f"{self.folder} holds no tensor {name!r}")
+        return self.stored[name]

@@ -56,13 +56,15 @@ def split_tp(full: StateDict, table: dict[str, Split], tp: int, padded_vocab: in
 
 
 def merge_tensor(pieces: list[torch.Tensor], split: Split, vocab_size: int) -> torch.Tensor:
-    """One tensor's TP shards (in TP-rank order) -> the canonical tensor (vocabulary unpadded)."""
-    if split.dim is None:
-        return pieces[0].clone() if len(pieces) > 1 else pieces[0]
-    tensor = torch.cat(pieces, dim=split.dim) if len(pieces) > 1 else pieces[0]
-    return tensor[:vocab_size].clone() if split is Split.VOCAB else tensor
+    """One tensor's TP shards (in TP-rank order) -> the canonical tensor (vocabulary unpadded).
+    No copy where none is needed: the result may be (a view of) a piece."""
+    if split.dim is None or len(pieces) == 1:
+        tensor = pieces[0]
+    else:
+        tensor = torch.cat(pieces, dim=split.dim)
+    return tensor[:vocab_size] if split is Split.VOCAB else tensor
 
 
 def merge_tp(shards: list[StateDict], table: dict[str, Split], vocab_size: int) -> StateDict:
-    """One state dict per TP rank (in TP-rank order) -> the canonical state dict."""
-    return {name: merge_tensor([s[name] for s in shards], table[name], vocab_size) for name in shards[0]}
+    """One state dict per TP rank (in TP-rank order) -> the canonical state dict (new memory)."""
+    return {name: merge_tensor([s[name] for s in shards], table[name], vocab_size).clone() for name in shards[0]}
