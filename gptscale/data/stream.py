@@ -14,19 +14,30 @@ worker index, the shard list), so it can be restarted from a small state:
    window is padded (labels -100 there).
 4. Mixture. Several corpora are mixed by weight: window n of a worker comes from the
    corpus drawn by a counter-based RNG seeded with (seed, worker, n // 4096).
+5. Re-deal. A run resumed with another DP size or worker count cannot keep per-worker
+   positions: the deal differs. `redeal` takes the states of all old DP ranks and hands
+   what the old workers left unread of each corpus, up to the end of the latest epoch any
+   of them began (the rest of partly read groups, from the next unlabelled token of a
+   partly packed document, and the untouched groups), round-robin to the new workers as
+   a `pending` list of `Leftover`s; a worker reads its pending list first, then the normal
+   deal of the next epoch for the new worker count. Each corpus is re-dealt on its own;
+   the mixture draws restart at window 0 of each new worker.
 
 The state after each window is (windows emitted, and per corpus the position of the next
-window's first token: epoch, group, document, offset). Each batch carries its worker's
-state to the main process, which remembers the state of the last batch it handed to the
-training loop; DataLoader's round-robin over workers is restored by rotating logical
-worker ids. Resuming replays at most one shuffle group per worker (to rebuild its order).
+window's first token: epoch, group, document, offset; the pending list; whether the normal
+deal has begun). Each batch carries its worker's state to the main process, which remembers
+the state of the last batch it handed to the training loop; DataLoader's round-robin over
+workers is restored by rotating logical worker ids. Resuming replays at most one shuffle
+group per worker (to rebuild its order).
 
 Shards are read by `data/read.py`, which trusts nothing in them. Token ids keep their stored
 width until windows are cut. The resume state names shards by content (sha256), so a folder
-may move.
+may move. A state read from a checkpoint is JSON that anyone may have written: its shape and
+every number's range are checked before it is used.
 """
 from __future__ import annotations
 
+import copy
 import signal
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -43,7 +54,10 @@ from gptscale.errors import DataError
 from gptscale.parallel.layers import IGNORE_INDEX
 
 MIX_BLOCK = 4096
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: per worker `pending` and `fresh`, and the state's `shuffle_shards`
+COUNT_LIMIT = 1 << 40  # no epoch, group, document, offset or window count of a real run comes near
+MAX_PENDING = 1 << 20  # leftovers of one corpus in one state (~30 MB of JSON)
+MAX_DP, MAX_WORKERS = 1 << 20, 4096
 
 
 @dataclass(frozen=True)
@@ -96,12 +110,40 @@ def corpus_from(path: str, split: str, weight: float = 1.0) -> Corpus:
 @dataclass(frozen=True)
 class Position:
     """Where the next window starts: token `offset` of document `doc` of shuffle group
-    `group` of epoch `epoch` (in this worker's order)."""
+    `group` of epoch `epoch` (in this worker's order). Once a window has been emitted, that
+    token has been the last label of the window before."""
 
     epoch: int = 0
     group: int = 0
     doc: int = 0
     offset: int = 0
+
+    def at(self, token: int) -> "Position":
+        """This document's mark for a next window that starts at `token`."""
+        return replace(self, offset=token)
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """What a worker of an earlier deal left unread of one shuffle group: documents `doc`.. of
+    group `group` of global worker `worker` of `workers` in epoch `epoch` (in that worker's
+    order), the first from token `offset` on. Tokens before `offset` have been labels, so the
+    offset is one past a Position's; a worker that starts its stream on a leftover reads token
+    `offset - 1` again, as context only, which is how an uninterrupted stream continues."""
+
+    epoch: int
+    worker: int
+    workers: int
+    group: int
+    doc: int = 0
+    offset: int = 0
+
+    def at(self, token: int) -> "Leftover":
+        """This document's mark for a next window that starts at `token` (a label already)."""
+        return replace(self, offset=token + 1)
+
+    def to_list(self) -> list[int]:
+        return [self.epoch, self.worker, self.workers, self.group, self.doc, self.offset]
 
 
 @dataclass(frozen=True)
@@ -115,8 +157,14 @@ class StreamSpec:
     epochs: int | None = None  # None: forever
 
 
+def group_count(shards: int, worker: int, workers: int, shuffle_shards: int) -> int:
+    """How many shuffle groups global worker `worker` of `workers` reads in every epoch."""
+    return -(-len(range(worker, shards, workers)) // max(1, shuffle_shards))
+
+
 class CorpusStream:
-    """The documents one global worker reads from one corpus, from any Position on."""
+    """The documents one global worker reads from one corpus: its pending leftovers, then its
+    own deal from any Position on."""
 
     def __init__(self, corpus: Corpus, corpus_index: int, worker: int, workers: int, spec: StreamSpec):
         if len(corpus.urls) < workers:
@@ -124,82 +172,137 @@ class CorpusStream:
                             f"{workers} readers (dp ranks x loader workers) each need at least one; re-run "
                             f"prepare with a smaller --shard-size or use fewer loader workers")
         self.corpus, self.index, self.worker, self.workers, self.spec = corpus, corpus_index, worker, workers, spec
+        self._deal: tuple[tuple[int, int, int], list[list[str]]] | None = None  # the last deal made
 
     def _rng(self, *keys: int) -> np.random.Generator:
         return np.random.default_rng([self.spec.seed, self.index, *keys])
 
-    def groups(self, epoch: int) -> list[list[str]]:
-        urls = self.corpus.urls
-        order = self._rng(epoch).permutation(len(urls)) if self.spec.shuffle_shards else np.arange(len(urls))
-        mine = [urls[i] for i in order[self.worker::self.workers]]
-        size = max(1, self.spec.shuffle_shards)
-        return [mine[i:i + size] for i in range(0, len(mine), size)]
+    def groups(self, epoch: int, worker: int | None = None, workers: int | None = None) -> list[list[str]]:
+        """The shard groups of `worker` of `workers` (this stream's by default) in `epoch`."""
+        key = (epoch, self.worker, self.workers) if worker is None else (epoch, worker, workers)
+        if self._deal is None or self._deal[0] != key:  # one permutation of all shards per epoch, not per group
+            urls = self.corpus.urls
+            order = self._rng(epoch).permutation(len(urls)) if self.spec.shuffle_shards else np.arange(len(urls))
+            mine = [urls[i] for i in order[key[1]::key[2]]]
+            size = max(1, self.spec.shuffle_shards)
+            self._deal = key, [mine[i:i + size] for i in range(0, len(mine), size)]
+        return self._deal[1]
 
-    def documents(self, start: Position) -> Iterator[tuple[Position, np.ndarray]]:
+    def group_documents(self, epoch: int, worker: int, workers: int, group: int) -> list[np.ndarray]:
+        """The documents of one group, in the order its worker emits them."""
+        urls = self.groups(epoch, worker, workers)[group]
+        docs = [doc for url in urls for doc in read_shard(url, self.spec.vocab_size, self.corpus.expected(url))]
+        if not self.spec.shuffle_shards:
+            return docs
+        return [docs[i] for i in self._rng(epoch, worker, group).permutation(len(docs))]
+
+    def documents(self, start: Position, pending: tuple[Leftover, ...] = ()
+                  ) -> Iterator[tuple[int, Position | Leftover, np.ndarray, int]]:
+        """(pending items finished, the document's mark, its tokens, its first token to read) for
+        every document from the pending leftovers on, then from `start` on."""
+        for k, item in enumerate(pending):
+            docs = self.group_documents(item.epoch, item.worker, item.workers, item.group)
+            _check_start(docs, item.doc, item.offset, 1, item)
+            for d in range(item.doc, len(docs)):
+                first = 0 if d != item.doc else max(item.offset - 1, 0) if k == 0 else item.offset
+                yield k, replace(item, doc=d, offset=0), docs[d], first
         epoch = start.epoch
         while self.spec.epochs is None or epoch < self.spec.epochs:
-            groups = self.groups(epoch)
-            for g in range(start.group if epoch == start.epoch else 0, len(groups)):
-                docs = [doc for url in groups[g]
-                        for doc in read_shard(url, self.spec.vocab_size, self.corpus.expected(url))]
-                order = (self._rng(epoch, self.worker, g).permutation(len(docs)) if self.spec.shuffle_shards
-                         else np.arange(len(docs)))
-                first = start.doc if (epoch, g) == (start.epoch, start.group) else 0
-                for d in range(first, len(docs)):
-                    yield Position(epoch, g, d, 0), docs[order[d]]
+            for g in range(start.group if epoch == start.epoch else 0, len(self.groups(epoch))):
+                docs = self.group_documents(epoch, self.worker, self.workers, g)
+                here = (epoch, g) == (start.epoch, start.group)
+                if here:
+                    _check_start(docs, start.doc, start.offset, 0, start)
+                for d in range(start.doc if here else 0, len(docs)):
+                    first = start.offset if here and d == start.doc else 0
+                    yield len(pending), Position(epoch, g, d, 0), docs[d], first
             epoch += 1
 
 
-def pack_windows(stream: CorpusStream, start: Position) -> Iterator[tuple[np.ndarray, np.ndarray, Position]]:
-    """(input_ids, labels, position of the next window) for consecutive packed windows."""
+def _check_start(docs: list[np.ndarray], doc: int, offset: int, past_eos: int, mark) -> None:
+    """A resume state's document and offset lie inside the group (a leftover may point one
+    past the EOS: its document is all read); else the state is not of these shards."""
+    if (doc, offset) == (0, 0) and not docs:
+        return
+    if doc >= len(docs) or offset > len(docs[doc]) + past_eos:
+        raise DataError(f"the data loader state points at token {offset} of document {doc} of a shuffle group of "
+                        f"{len(docs)} documents ({mark}); it was saved for other shards or is damaged")
+
+
+def pack_windows(stream: CorpusStream, start: Position, pending: tuple[Leftover, ...] = ()
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray, int, Position | Leftover]]:
+    """(input_ids, labels, pending items finished, mark of the next window's start) for
+    consecutive packed windows."""
     spec = stream.spec
     length = spec.seq_len
     buffer = np.empty(0, dtype=np.int64)
-    # Where each document's tokens begin in `buffer`: [position, offset in the doc of its first buffered token, index]
+    # Where each document's tokens begin in `buffer`:
+    # [pending items done, its mark, offset in the doc of its first buffered token, index]
     segments: list[list] = []
-    for position, doc in stream.documents(start):
+    for k, mark, doc, first in stream.documents(start, pending):
         tokens = np.append(doc, spec.eos_id)
-        offset = start.offset if (position.epoch, position.group, position.doc) == (start.epoch, start.group, start.doc) else 0
-        segments.append([position, offset, len(buffer)])
-        buffer = np.concatenate([buffer, tokens[offset:]])
+        segments.append([k, mark, first, len(buffer)])
+        buffer = np.concatenate([buffer, tokens[first:]])
         while len(buffer) >= length + 1:
             window = buffer[:length + 1]
             buffer = buffer[length:]  # the last token of this window starts the next one
             for seg in segments:
-                seg[2] -= length
-            while len(segments) > 1 and segments[1][2] <= 0:
+                seg[3] -= length
+            while len(segments) > 1 and segments[1][3] <= 0:
                 segments.pop(0)
             head = segments[0]
-            if head[2] < 0:  # the next window starts inside this document
-                head[1], head[2] = head[1] - head[2], 0
-            yield window[:-1].copy(), window[1:].copy(), replace(head[0], offset=head[1])
+            if head[3] < 0:  # the next window starts inside this document
+                head[2], head[3] = head[2] - head[3], 0
+            yield window[:-1].copy(), window[1:].copy(), head[0], head[1].at(head[2])
     if len(buffer) >= 2:  # finite stream: the tail, padded
         inputs = np.full(length, spec.pad_id, dtype=np.int64)
         labels = np.full(length, IGNORE_INDEX, dtype=np.int64)
         inputs[:len(buffer) - 1], labels[:len(buffer) - 1] = buffer[:-1], buffer[1:]
-        yield inputs, labels, Position(epoch=spec.epochs or 0)
+        yield inputs, labels, len(pending), Position(epoch=spec.epochs or 0)
 
 
 # -- mixing corpora, batching per worker ---------------------------------------------------
 
 @dataclass
 class WorkerState:
+    """Per corpus: `positions`, where the worker's own deal continues; `pending`, the leftovers
+    it reads first (the head's doc and offset say where the next window starts); `fresh`,
+    whether no window has ended inside its own deal yet (then the token at its position has
+    not been a label: a re-deal must hand it out whole)."""
+
     windows: int = 0
     positions: list[Position] = field(default_factory=list)
+    pending: list[tuple[Leftover, ...]] = field(default_factory=list)
+    fresh: list[bool] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, corpora: int) -> "WorkerState":
+        return cls(0, [Position()] * corpora, [()] * corpora, [True] * corpora)
 
     def to_dict(self) -> dict:
-        return {"windows": self.windows, "positions": [asdict(p) for p in self.positions]}
+        return {"windows": self.windows, "positions": [asdict(p) for p in self.positions],
+                "pending": [[item.to_list() for item in p] for p in self.pending], "fresh": list(self.fresh)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "WorkerState":
-        return cls(windows=data["windows"], positions=[Position(**p) for p in data["positions"]])
+        """A state checked by _check_state; versions 1 and 2 had no re-deal: nothing pending, and
+        a corpus is fresh while it is at the very start."""
+        positions = [Position(**p) for p in data["positions"]]
+        if "pending" not in data:
+            fresh = [data["windows"] == 0 or p == Position() for p in positions]
+            return cls(data["windows"], positions, [()] * len(positions), fresh)
+        return cls(data["windows"], positions, [tuple(Leftover(*item) for item in p) for p in data["pending"]],
+                   list(data["fresh"]))
 
 
 def mixed_windows(corpora: list[Corpus], spec: StreamSpec, worker: int, workers: int,
                   state: WorkerState) -> Iterator[tuple[np.ndarray, np.ndarray, WorkerState]]:
     """Windows of all corpora, interleaved by weight; ends when any finite corpus ends."""
-    positions = list(state.positions) or [Position() for _ in corpora]
-    sources = [pack_windows(CorpusStream(c, i, worker, workers, spec), positions[i]) for i, c in enumerate(corpora)]
+    if not state.positions:
+        state = replace(WorkerState.start(len(corpora)), windows=state.windows)
+    positions, pending, fresh = list(state.positions), list(state.pending), list(state.fresh)
+    sources = [pack_windows(CorpusStream(c, i, worker, workers, spec), positions[i], pending[i])
+               for i, c in enumerate(corpora)]
     weights = np.array([c.weight for c in corpora], dtype=np.float64)
     weights /= weights.sum()
     n, block, draws = state.windows, -1, None
@@ -213,11 +316,15 @@ def mixed_windows(corpora: list[Corpus], spec: StreamSpec, worker: int, workers:
                     len(corpora), size=MIX_BLOCK, p=weights)
             choice = int(draws[n % MIX_BLOCK])
         try:
-            inputs, labels, positions[choice] = next(sources[choice])
+            inputs, labels, done, mark = next(sources[choice])
         except StopIteration:
             return
+        if isinstance(mark, Leftover):
+            pending[choice] = (mark, *state.pending[choice][done + 1:])
+        else:
+            positions[choice], pending[choice], fresh[choice] = mark, (), False
         n += 1
-        yield inputs, labels, WorkerState(n, list(positions))
+        yield inputs, labels, WorkerState(n, list(positions), list(pending), list(fresh))
 
 
 @dataclass(frozen=True)
@@ -267,27 +374,6 @@ class _WorkerBatches(IterableDataset):
                 "worker": worker, "state": state.to_dict()}
 
 
-def _check_state(state) -> None:
-    """A loader state read from a checkpoint has the shape state_dict() gives (or is one error)."""
-    def ints(*values) -> bool:
-        return all(type(v) is int and v >= 0 for v in values)
-
-    try:
-        workers = state["workers"]
-        ok = (ints(state["version"], state["seed"], state["batches"], state["dp_size"], state["num_workers"],
-                   state["next_worker"])
-              and all(isinstance(c, list) and all(isinstance(u, str) for u in c) for c in state["corpora"])
-              and isinstance(workers, dict)
-              and all(k.isdigit() and ints(w["windows"]) and all(
-                  set(p) == {"epoch", "group", "doc", "offset"} and ints(*p.values()) for p in w["positions"])
-                  for k, w in workers.items()))
-    except (KeyError, TypeError, AttributeError):
-        ok = False
-    if not ok:
-        raise DataError("the data loader state in the checkpoint is damaged or not gptscale's; resume from another "
-                        "checkpoint")
-
-
 def _loader_worker_init(_: int) -> None:
     torch.set_num_threads(1)
     # A scheduler's SIGTERM (and SLURM's SIGUSR1) reaches every process of the job: the rank
@@ -301,7 +387,8 @@ class StreamingLoader:
     """Batches of (input_ids, labels), each (micro_batch, seq_len) int64, for one DP rank.
 
     state_dict() describes exactly what has been handed out; a loader given it by
-    load_state_dict() continues with the very next batch of the uninterrupted run.
+    load_state_dict() continues with the very next batch of the uninterrupted run. A run with
+    another DP size or worker count resumes with load_state_dicts(every DP rank's state).
     """
 
     def __init__(self, corpora: list[Corpus], spec: StreamSpec, *, micro_batch: int, dp_rank: int = 0,
@@ -343,29 +430,279 @@ class StreamingLoader:
     def state_dict(self) -> dict:
         plan = self.plan
         return {"version": STATE_VERSION, "dp_rank": plan.dp_rank, "dp_size": plan.dp_size,
-                "num_workers": plan.num_workers, "seed": plan.spec.seed, "corpora": [c.content() for c in plan.corpora],
-                "workers": {str(k): v for k, v in self._states.items()}, "next_worker": self._next_worker,
-                "batches": self.batches}
+                "num_workers": plan.num_workers, "seed": plan.spec.seed, "shuffle_shards": plan.spec.shuffle_shards,
+                "corpora": [c.content() for c in plan.corpora], "workers": {str(k): v for k, v in self._states.items()},
+                "next_worker": self._next_worker, "batches": self.batches}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue where `state` (this DP rank's state_dict(), perhaps of an older version, or
+        redeal()'s entry for this rank) left off. A state of another layout, given alone, cannot
+        be re-dealt (that needs every rank's: load_state_dicts): the oldest epoch any of its
+        workers was in starts again, so nothing is skipped, but documents are seen twice."""
         plan = self.plan
-        _check_state(state)
-        if state.get("version") not in (1, STATE_VERSION):
-            raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION}; this checkpoint "
-                            f"was written by another gptscale version")
-        # Version 1 named the shards by path.
-        content = [list(c.urls) if state["version"] == 1 else c.content() for c in plan.corpora]
-        if state["corpora"] != content or state["seed"] != plan.spec.seed:
-            raise DataError("loader state was saved for other corpora or another seed (shards compared by content); "
-                            "resume with the same data (or start the data stream afresh)")
+        _check_state(state, plan.spec.shuffle_shards)
+        _check_same_data(state, list(plan.corpora), plan.spec)
         self.batches = state["batches"]
         if (state["dp_size"], state["num_workers"]) == (plan.dp_size, plan.num_workers):
-            self._states = {int(k): v for k, v in state["workers"].items()}
+            if state["dp_rank"] != plan.dp_rank:
+                raise DataError(f"the loader state of DP rank {state['dp_rank']} was given to DP rank {plan.dp_rank}; "
+                                f"each rank resumes from its own")
+            self._states = {int(k): WorkerState.from_dict(v).to_dict() for k, v in state["workers"].items()}
             self._next_worker = state["next_worker"]
             return
-        # Another layout deals shards differently: per-worker positions do not transfer. Keep the
-        # seed and restart the oldest epoch any old worker was still in (documented in the README).
-        epochs = [min(p["epoch"] for p in w["positions"]) for w in state["workers"].values()] or [0]
-        restart = WorkerState(0, [Position(epoch=min(epochs)) for _ in plan.corpora]).to_dict()
-        self._states = {w: restart for w in range(max(1, plan.num_workers))}
+        workers = _worker_states(state, len(plan.corpora))
+        oldest = min(e for w in workers for e in (*(p.epoch for p in w.positions),
+                                                   *(item.epoch for p in w.pending for item in p)))
+        restart = replace(WorkerState.start(len(plan.corpora)), positions=[Position(epoch=oldest)] * len(plan.corpora))
+        self._states = {w: restart.to_dict() for w in range(max(1, plan.num_workers))}
         self._next_worker = 0
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        """Continue from the states of every DP rank of a run (in DP-rank order), whatever its DP
+        size and worker count: see redeal."""
+        plan = self.plan
+        mine = redeal(states, plan.dp_size, plan.num_workers, corpora=list(plan.corpora), spec=plan.spec)[plan.dp_rank]
+        self.load_state_dict(mine)
+
+
+# -- loader states from checkpoints: checked, and re-dealt to another layout ----------------
+
+def _damaged(what: str) -> DataError:
+    return DataError(f"the data loader state in the checkpoint is damaged or not gptscale's ({what}); resume from "
+                     f"another checkpoint")
+
+
+def _count(value, what: str, limit: int = COUNT_LIMIT, low: int = 0) -> int:
+    if type(value) is not int or not low <= value < limit:
+        raise _damaged(f"{what} is {value!r:.40}, not an integer in [{low}, {limit})")
+    return value
+
+
+def _list(value, what: str, length: int | None = None) -> list:
+    if not isinstance(value, list):
+        raise _damaged(f"{what} is a {type(value).__name__}, not a list")
+    if length is not None and len(value) != length:
+        raise _damaged(f"{what} holds {len(value)} entries, not {length}")
+    return value
+
+
+def _check_state(state, shuffle_shards: int | None) -> None:
+    """A loader state read from a checkpoint (JSON, perhaps an attacker's) has the shape and
+    ranges state_dict() gives, or this raises one DataError naming the first thing wrong. Its
+    groups are counted with its own shuffle_shards (recorded since version 3), else the run's."""
+    if not isinstance(state, dict):
+        raise _damaged(f"it is a {type(state).__name__}, not a mapping")
+    version = _count(state.get("version"), "version")
+    if version not in (1, 2, STATE_VERSION):
+        raise DataError(f"loader state version {version} is not {STATE_VERSION}; this checkpoint was written by "
+                        f"another gptscale version")
+    expected = {"version", "dp_rank", "dp_size", "num_workers", "seed", "corpora", "workers", "next_worker", "batches"}
+    if set(state) != expected | ({"shuffle_shards"} if version >= 3 else set()):
+        raise _damaged(f"its keys are {sorted(state)!r:.200}")
+    _count(state["seed"], "seed", 1 << 64)
+    _count(state["batches"], "batches")
+    dp_size = _count(state["dp_size"], "dp_size", MAX_DP, low=1)
+    readers = max(1, _count(state["num_workers"], "num_workers", MAX_WORKERS))
+    dp_rank = _count(state["dp_rank"], "dp_rank", dp_size)
+    _count(state["next_worker"], "next_worker", readers)
+    if version >= 3:
+        shuffle_shards = _count(state["shuffle_shards"], "shuffle_shards")
+    elif shuffle_shards is None:
+        raise DataError(f"the loader state (version {version}) does not record shuffle_shards; re-deal it with "
+                        f"spec= the run's StreamSpec")
+    shards = [len(_list(c, f"corpora[{i}]")) for i, c in enumerate(_list(state["corpora"], "corpora"))]
+    if not all(isinstance(url, str) for c in state["corpora"] for url in c):
+        raise _damaged("a shard name in corpora is not a string")
+    workers = state["workers"]
+    if not isinstance(workers, dict):
+        raise _damaged(f"workers is {type(workers).__name__}, not a mapping")
+    pending = [0] * len(shards)
+    for key, worker in workers.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and key == str(int(key))
+                and int(key) < readers):
+            raise _damaged(f"worker {key!r:.40} is not one of the {readers} loader workers")
+        layout = (dp_rank * readers + int(key), dp_size * readers, shuffle_shards)
+        _check_worker(worker, f"workers[{key!r}]", version, shards, layout)
+        for c, items in enumerate(worker.get("pending", ())):
+            pending[c] += len(items)
+    if max(pending, default=0) > MAX_PENDING:
+        raise _damaged(f"{max(pending):,} pending leftovers of one corpus, more than {MAX_PENDING:,}")
+
+
+def _check_worker(worker, what: str, version: int, shards: list[int], layout: tuple[int, int, int]) -> None:
+    """One worker's state: positions inside its deal; leftovers inside theirs, older than its
+    position, which is at the start of an epoch while anything is pending."""
+    keys = {"windows", "positions"} | ({"pending", "fresh"} if version >= 3 else set())
+    if not isinstance(worker, dict) or set(worker) != keys:
+        raise _damaged(f"{what} is not a mapping with keys {sorted(keys)}")
+    _count(worker["windows"], f"{what}.windows")
+    reader, readers, shuffle = layout
+    positions = _list(worker["positions"], f"{what}.positions", len(shards))
+    for c, p in enumerate(positions):
+        where = f"{what}.positions[{c}]"
+        if not isinstance(p, dict) or set(p) != {"epoch", "group", "doc", "offset"}:
+            raise _damaged(f"{where} is not a mapping with keys epoch, group, doc, offset")
+        for name in ("epoch", "doc", "offset"):
+            _count(p[name], f"{where}.{name}")
+        _count(p["group"], f"{where}.group", max(1, group_count(shards[c], reader, readers, shuffle)))
+    if version < 3:
+        return
+    fresh = _list(worker["fresh"], f"{what}.fresh", len(shards))
+    if not all(type(f) is bool for f in fresh):
+        raise _damaged(f"{what}.fresh holds something other than true or false")
+    for c, items in enumerate(_list(worker["pending"], f"{what}.pending", len(shards))):
+        if len(_list(items, f"{what}.pending[{c}]")) > MAX_PENDING:
+            raise _damaged(f"{what}.pending[{c}] holds {len(items):,} leftovers, more than {MAX_PENDING:,}")
+        if items and (positions[c]["group"], positions[c]["doc"], positions[c]["offset"], fresh[c]) != (0, 0, 0, True):
+            raise _damaged(f"{what} has leftovers of corpus {c} but its position is not the fresh start of an epoch")
+        for i, item in enumerate(items):
+            _check_leftover(item, f"{what}.pending[{c}][{i}]", shards[c], positions[c]["epoch"], shuffle)
+
+
+def _check_leftover(item, what: str, shards: int, before_epoch: int, shuffle: int) -> None:
+    epoch, worker, workers, group, doc, offset = _list(item, what, 6)
+    _count(epoch, f"{what} epoch", before_epoch)
+    _count(workers, f"{what} workers", shards + 1, low=1)
+    _count(worker, f"{what} worker", workers)
+    _count(group, f"{what} group", group_count(shards, worker, workers, shuffle))
+    _count(doc, f"{what} doc")
+    _count(offset, f"{what} offset")
+
+
+def _check_same_data(state: dict, corpora: list[Corpus] | None, spec: StreamSpec | None) -> None:
+    """The state is of these corpora (where given) and this seed and shuffle_shards (where given)."""
+    # Version 1 named the shards by path.
+    content = None if corpora is None else [list(c.urls) if state["version"] == 1 else c.content() for c in corpora]
+    if (content is not None and state["corpora"] != content) or (spec is not None and state["seed"] != spec.seed):
+        raise DataError("loader state was saved for other corpora or another seed (shards compared by content); "
+                        "resume with the same data (or start the data stream afresh)")
+    if spec is not None and state.get("shuffle_shards", spec.shuffle_shards) != spec.shuffle_shards:
+        raise DataError(f"loader state was saved with shuffle_shards={state['shuffle_shards']}, this run has "
+                        f"{spec.shuffle_shards}: its positions name other shuffle groups; resume with "
+                        f"shuffle_shards={state['shuffle_shards']} (or start the data stream afresh)")
+
+
+def _worker_states(state: dict, corpora: int) -> list[WorkerState]:
+    """Every loader worker of a checked state, in logical order (a worker that had handed out
+    nothing is at its start)."""
+    workers = state["workers"]
+    return [WorkerState.from_dict(workers[str(k)]) if str(k) in workers else WorkerState.start(corpora)
+            for k in range(max(1, state["num_workers"]))]
+
+
+def redeal(states: list[dict], dp_size: int, num_workers: int, *, corpora: list[Corpus] | None = None,
+           spec: StreamSpec | None = None) -> list[dict]:
+    """The loader states of every DP rank of a run (each what state_dict() gave on that rank, in
+    DP-rank order) -> one state per DP rank of a run with `dp_size` ranks of `num_workers`
+    loader workers, for load_state_dict. With the same layout the states come back as they are
+    (an exact resume). Else the new workers finish, between them, what the old ones left of
+    every epoch any of them began, each document (each unlabelled token) exactly once, and then
+    go on with the normal deal of the next epoch for their own number. Pure: every rank can
+    compute it and keep its own entry.
+
+    The states say which shards, seed and shuffle_shards they are of; `corpora` and `spec` (the
+    new run's), where given, are checked against them here (load_state_dict checks them in any
+    case). Without `spec` the stream is endless (as training's is), and states written before
+    version 3, which do not record shuffle_shards, cannot be re-dealt; version 1 ones (shards
+    named by path) need `corpora`."""
+    if type(dp_size) is not int or type(num_workers) is not int or dp_size < 1 or num_workers < 0:
+        raise DataError(f"cannot re-deal the data to dp_size={dp_size!r}, num_workers={num_workers!r}")
+    _check_layout_states(states, corpora, spec)
+    if (states[0]["dp_size"], states[0]["num_workers"]) == (dp_size, num_workers):
+        return copy.deepcopy(states)
+    first = states[0]
+    if first["version"] == 1 and corpora is None:
+        raise DataError("a loader state of version 1 names its shards by path: re-deal it with corpora=")
+    content = [c.content() for c in corpora] if corpora is not None else first["corpora"]
+    shuffle = first.get("shuffle_shards", None if spec is None else spec.shuffle_shards)
+    epochs = spec.epochs if spec is not None else None
+    readers = max(1, num_workers)
+    new = [WorkerState(0, [], [], []) for _ in range(dp_size * readers)]
+    old = [w for state in states for w in _worker_states(state, len(content))]
+    for index, shards in enumerate(len(c) for c in content):
+        if shards < len(new):
+            raise DataError(f"corpus {index} has {shards} shards but {len(new)} readers (dp ranks x loader workers) "
+                            f"each need at least one; re-run prepare with a smaller --shard-size or use fewer loader "
+                            f"workers")
+        items, start = _leftovers(old, index, shards, shuffle, epochs)
+        for w, worker in enumerate(new):
+            worker.positions.append(start)
+            worker.pending.append(tuple(items[w::len(new)]))
+            worker.fresh.append(True)
+    batches = sum(s["batches"] for s in states) // dp_size
+    return [{"version": STATE_VERSION, "dp_rank": r, "dp_size": dp_size, "num_workers": num_workers,
+             "seed": first["seed"], "shuffle_shards": shuffle, "corpora": copy.deepcopy(content),
+             "workers": {str(k): new[r * readers + k].to_dict() for k in range(readers)}, "next_worker": 0,
+             "batches": batches} for r in range(dp_size)]
+
+
+def states_by_dp_rank(states: list[dict]) -> list[dict]:
+    """The loader states of every global rank of a run -> one per DP rank, in DP-rank order, as
+    redeal takes them. The TP and PP peers of a DP rank read the same stream in lockstep, so
+    they hold the same state; peers that differ are an error (a damaged checkpoint)."""
+    ranks: dict[int, dict] = {}
+    for state in states if isinstance(states, list) else [None]:
+        rank = state.get("dp_rank") if isinstance(state, dict) else None
+        if type(rank) is not int or rank < 0:
+            raise _damaged(f"dp_rank is {rank!r:.40}, not an integer >= 0")
+        if ranks.setdefault(rank, state) != state:
+            raise _damaged(f"two ranks of DP rank {rank} saved different loader states")
+    return [ranks[r] for r in sorted(ranks)]
+
+
+def _check_layout_states(states, corpora: list[Corpus] | None, spec: StreamSpec | None) -> None:
+    """One checked state of the same data per DP rank of one layout, in DP-rank order."""
+    if not isinstance(states, list) or not states:
+        raise DataError("re-dealing the data needs the loader states of every DP rank of the saved run; got none")
+    for state in states:
+        _check_state(state, None if spec is None else spec.shuffle_shards)
+        _check_same_data(state, corpora, spec)
+    data = [(s["version"], s["corpora"], s["seed"], s.get("shuffle_shards")) for s in states]
+    if any(d != data[0] for d in data):
+        raise DataError("the DP ranks' loader states are of different data, seeds or versions; they are not of one "
+                        "checkpoint")
+    layouts = {(s["dp_size"], s["num_workers"]) for s in states}
+    ranks = [s["dp_rank"] for s in states]
+    if len(layouts) != 1 or ranks != list(range(states[0]["dp_size"])):
+        raise DataError(f"re-dealing the data needs one loader state per DP rank of the saved run, in DP-rank order; "
+                        f"got DP ranks {ranks} of layouts (dp_size, num_workers) {sorted(layouts)}")
+
+
+def _leftovers(old: list[WorkerState], index: int, shards: int, shuffle: int, epochs: int | None
+               ) -> tuple[list[Leftover], Position]:
+    """What the old workers (global order) left of corpus `index`, up to the end of the latest
+    epoch any of them began, oldest epoch first; and where the new workers' own deal starts."""
+    last = max(_epoch_in(w, index) for w in old)
+    if epochs is not None:
+        last = min(last, epochs - 1)
+    last = max([last] + [item.epoch for w in old for item in w.pending[index]])  # the new deal comes after them
+    groups = [group_count(shards, w, len(old), shuffle) for w in range(len(old))]
+    count = sum(len(w.pending[index]) + max(0, (last - w.positions[index].epoch + 1) * groups[i]
+                                            - w.positions[index].group) for i, w in enumerate(old))
+    if count > MAX_PENDING:
+        raise DataError(f"re-dealing corpus {index} would hand out {count:,} leftover shuffle groups (its old workers "
+                        f"are many epochs apart), more than {MAX_PENDING:,}; resume with the old layout")
+    items = [item for w, state in enumerate(old) for item in
+             (*state.pending[index], *_rest_of_deal(state, index, w, len(old), groups[w], last))]
+    items.sort(key=lambda item: item.epoch)  # stable: within an epoch, old worker by old worker
+    return items, Position(epoch=last + 1)
+
+
+def _epoch_in(worker: WorkerState, index: int) -> int:
+    """The latest epoch the worker began in its own deal of corpus `index` (-1: none yet)."""
+    p = worker.positions[index]
+    untouched = worker.fresh[index] and (p.group, p.doc, p.offset) == (0, 0, 0)
+    return p.epoch - 1 if untouched else p.epoch
+
+
+def _rest_of_deal(worker: WorkerState, index: int, w: int, workers: int, groups: int, last: int
+                  ) -> Iterator[Leftover]:
+    """Global worker `w`'s own deal of corpus `index` from its position to the end of epoch
+    `last`: its partly read group from the next unlabelled token, then whole groups."""
+    p = worker.positions[index]
+    for epoch in range(p.epoch, last + 1):
+        for g in range(p.group if epoch == p.epoch else 0, groups):
+            if (epoch, g) == (p.epoch, p.group):
+                yield Leftover(epoch, w, workers, g, p.doc, p.offset + (0 if worker.fresh[index] else 1))
+            else:
+                yield Leftover(epoch, w, workers, g)
