@@ -209,7 +209,19 @@ class CheckpointReader:
                                   f"ZeRO stage <= 1 flat buffers) is not read by gptscale convert; consolidate the "
                                   f"weights only, or train with parallel.mode=pipe_zero3 or zero3")
         data = [load_rank_state(rank_state_file(self.path, r))[0] for r in range(self.layout.world_size)]
-        return {"step": self.meta.step, "run_id": self.meta.run_id, "layout": self.layout.to_json(), "data": data}
+        return {"step": self.meta.step, "adam_step": self._adam_step(), "run_id": self.meta.run_id,
+                "layout": self.layout.to_json(), "data": data}
+
+    def _adam_step(self) -> int:
+        """Optimizer steps Adam took (its bias correction), which skipped steps make fewer than
+        the training step."""
+        engine = next(files for sources in self._sources.values() for files, _ in sources)
+        try:
+            step = engine.optim[0]["optimizer_state_dict"]["state"][0]["step"]
+            return int(step.item() if torch.is_tensor(step) else step)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError):
+            raise CheckpointError(f"{self.path}: no Adam step count in the optimizer state; the checkpoint holds "
+                                  f"no optimizer state to continue from") from None
 
     @property
     def names(self) -> list[str]:

@@ -164,7 +164,7 @@ class Resumed:
     step: int
     run_id: str
     data: dict[str, Any]  # the rank's loader state
-    rng: dict[str, Any]  # the rank's RNG states
+    rng: dict[str, Any] | None  # the rank's RNG states (None: resumed at another layout, start afresh)
     changes: list[str]  # run-config fields that differ from the checkpoint's, "train.lr: 0.001 -> 0.002"
 
 
@@ -259,7 +259,32 @@ class RunCheckpoints:
         meta, (data, rng) = found["meta"], found["state"]
         return Resumed(step=meta.step, run_id=meta.run_id, data=data, rng=rng, changes=self._changes(path))
 
-    def _check_fits(self, path: Path) -> CheckpointMeta:
+    def load_resharded(self, path: Path, redeal: Callable[[list[dict], int], dict],
+                       read_state: Callable[[Any, int, int], None]) -> Resumed:
+        """A checkpoint of another layout (mode, TP, PP, DP): checked on every rank and agreed,
+        then `read_state(reader, step, adam_step)` puts Adam's state into the engine (the
+        weights came in through init_from), and `redeal(loader states, one per old DP rank, step)`
+        gives this rank's data position. The RNG starts afresh (rng None): there is no old rank
+        to take it from."""
+        from gptscale.checkpoint.read import CheckpointReader
+        from gptscale.parallel.topology import RankLayout
+
+        found: dict[str, Any] = {}
+
+        def check() -> None:
+            found["meta"] = self._check_fits(path, same_layout=False)
+            found["reader"] = CheckpointReader(path)
+            found["state"] = found["reader"].trainer_state()
+
+        agree(attempt(check), f"checking checkpoint {path}")
+        meta, reader, state = found["meta"], found["reader"], found["state"]
+        old = RankLayout(tp=meta.layout.tp, dp=meta.layout.dp, pp=meta.layout.pp)
+        data = redeal([state["data"][old.rank(tp=0, dp=d, pp=0)] for d in range(old.dp)], meta.step)
+        read_state(reader, meta.step, state["adam_step"])
+        moved = f"layout {meta.layout.to_json()} -> {self.layout.to_json()}"
+        return Resumed(step=meta.step, run_id=meta.run_id, data=data, rng=None, changes=[moved, *self._changes(path)])
+
+    def _check_fits(self, path: Path, same_layout: bool = True) -> CheckpointMeta:
         meta = CheckpointMeta.read(path)
         current = dataclasses.asdict(self.cfg.model)
         shape = [k for k in current if k not in self.cfg.model.training_only_fields()]
@@ -268,10 +293,9 @@ class RunCheckpoints:
             what = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(differs.items()))
             raise CheckpointError(f"checkpoint {path} is for another model shape ({what}); resume with its config "
                                   f"({path / CONFIG}) or start a new run directory")
-        if meta.layout != self.layout:
+        if same_layout and meta.layout != self.layout:
             raise CheckpointError(f"checkpoint {path} was written with layout {meta.layout.to_json()} but this run "
-                                  f"has {self.layout.to_json()}; DeepSpeed ZeRO-3 checkpoints resume on the same "
-                                  f"tp/pp/dp layout")
+                                  f"has {self.layout.to_json()}")
         return meta
 
     @staticmethod

@@ -27,16 +27,25 @@ def save_canonical(weights: dict[str, torch.Tensor], path: str | Path) -> None:
         f.write(save({k: v.contiguous() for k, v in weights.items()}))
 
 
-def tp_piece(source, name: str, split: Split, rank: int, tp: int, padded_vocab: int) -> torch.Tensor:
-    """TP rank `rank`'s piece of canonical tensor `name` (vocabulary rows padded with zeros),
-    reading only that piece where the source can slice (safetensors), else the one tensor."""
+def tp_piece(source, name: str, split: Split, rank: int, tp: int, padded_vocab: int,
+             kind: str = "weights") -> torch.Tensor:
+    """TP rank `rank`'s piece of canonical tensor `name` (vocabulary rows padded with zeros):
+    its weights, reading only that piece where the source can slice (safetensors), or its
+    fp32 master weights / an Adam moment (kind "fp32", "exp_avg", "exp_avg_sq")."""
     shape = source.shapes[name]
+
+    def read(index):
+        if kind == "weights":
+            return source.tensor_slice(name, index)
+        whole = source.tensor(name, kind)
+        return whole if index is None else whole[index]
+
     if split.dim is None:
-        return source.tensor_slice(name, None)
+        return read(None)
     size = (padded_vocab if split is Split.VOCAB else shape[split.dim]) // tp
     start, stop = rank * size, (rank + 1) * size
     index = tuple([slice(None)] * split.dim + [slice(min(start, shape[split.dim]), min(stop, shape[split.dim]))])
-    piece = source.tensor_slice(name, index)
+    piece = read(index)
     if piece.shape[split.dim] < size:  # the vocabulary's padding rows
         padding = piece.new_zeros(size - piece.shape[0], *piece.shape[1:])
         piece = torch.cat([piece, padding])

@@ -24,13 +24,15 @@ import torch.nn as nn
 
 from gptscale import modes
 from gptscale.checkpoint.layout import engine_location
-from gptscale.checkpoint.weights import load_canonical_params
+from gptscale.checkpoint.weights import load_canonical_params, tp_piece
 from gptscale.config import RunConfig
+from gptscale.convert.tp import canonical_layout
 from gptscale.ds_import import guard_engine_loads
 from gptscale.modes import ModeSpec
 from gptscale.parallel.primitives import comm_device
 from gptscale.parallel.topology import Topology
 from gptscale.runtime.optim import lr_at, lr_scheduler, param_groups
+from gptscale.runtime.optimizer_state import load_adam_state
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, labels), each (micro_batch, seq_len)
 
@@ -116,6 +118,21 @@ class Runtime(abc.ABC):
     def load_native(self, ckpt: Path) -> None:
         folder, tag = engine_location(self.ctx.mode.checkpoint_files, ckpt, self.stage)
         self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+
+    def load_resharded(self, source, step: int, adam_step: int) -> None:
+        """Continue from `source`, a checkpoint of another layout read as canonical tensors: Adam's
+        state (this rank's pieces), the step and the schedule. The weights came in through
+        init_from when the engine was built."""
+        tp = self.topo.tp_group
+        _, table = canonical_layout(self.cfg.model)
+        padded = self.cfg.model.padded_vocab_size(tp.size)
+        load_adam_state(self.engine, self.canonical_parameters(),
+                        lambda name, kind: tp_piece(source, name, table[name], tp.rank, tp.size, padded, kind),
+                        adam_step)
+        self.engine.global_steps = step
+        self.engine.global_samples = step * self.ctx.ds_config["train_batch_size"]
+        self.engine.lr_scheduler.last_epoch = step
+        self.follow_schedule(step)
 
     def follow_schedule(self, step: int) -> None:
         """After a resume, follow this run's schedule: the checkpoint holds the rate (and the

@@ -58,11 +58,14 @@ def tokenizer_for(cfg: RunConfig):
     return matching_tokenizer(cfg.data.path, manifest)
 
 
-def _stream(cfg: RunConfig, split: str, dp_rank: int, dp_size: int, workers: int, shuffle: int) -> StreamingLoader:
+def _spec(cfg: RunConfig, shuffle: int) -> StreamSpec:
     tok = read_manifest(cfg.data.path)["tokenizer"]
-    spec = StreamSpec(seq_len=cfg.data.seq_len, vocab_size=tok["vocab_size"], eos_id=tok["eos_id"],
+    return StreamSpec(seq_len=cfg.data.seq_len, vocab_size=tok["vocab_size"], eos_id=tok["eos_id"],
                       pad_id=tok["pad_id"], seed=cfg.data.seed, shuffle_shards=shuffle, epochs=None)
-    return StreamingLoader([corpus_from(cfg.data.path, split)], spec, micro_batch=cfg.train.micro_batch,
+
+
+def _stream(cfg: RunConfig, split: str, dp_rank: int, dp_size: int, workers: int, shuffle: int) -> StreamingLoader:
+    return StreamingLoader([corpus_from(cfg.data.path, split)], _spec(cfg, shuffle), micro_batch=cfg.train.micro_batch,
                            dp_rank=dp_rank, dp_size=dp_size, num_workers=workers)
 
 
@@ -71,6 +74,18 @@ def train_batches(cfg: RunConfig, dp_rank: int, dp_size: int):
         return SyntheticBatches(cfg.model.vocab_size, cfg.data.seq_len, cfg.train.micro_batch, cfg.train.grad_accum,
                                 dp_rank, dp_size, cfg.data.seed)
     return _stream(cfg, "train", dp_rank, dp_size, cfg.data.num_workers, cfg.data.shuffle_shards)
+
+
+def redeal_train_batches(cfg: RunConfig, states: list[dict], step: int, dp_rank: int, dp_size: int) -> dict:
+    """This DP rank's `train_batches` state when a run saved with len(states) DP ranks continues
+    with `dp_size`: synthetic data continues at the step (its batches do not depend on the
+    layout); the shard stream re-deals what the epoch has not consumed to the new readers."""
+    if cfg.data.synthetic:
+        return {"position": step * cfg.train.grad_accum}
+    from gptscale.data.stream import redeal
+
+    return redeal(states, dp_size, cfg.data.num_workers, corpora=[corpus_from(cfg.data.path, "train")],
+                  spec=_spec(cfg, cfg.data.shuffle_shards))[dp_rank]
 
 
 def validation_batches(cfg: RunConfig, dp_rank: int, dp_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

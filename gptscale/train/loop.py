@@ -36,7 +36,7 @@ from gptscale.launch import check_gpu_present, check_tp_within_node, init_distri
 from gptscale.model.counting import flops_per_token
 from gptscale.parallel.primitives import comm_device
 from gptscale.parallel.topology import Topology
-from gptscale.runtime.base import RuntimeContext, rng_state, runtime_class, set_rng_state
+from gptscale.runtime.base import RuntimeContext, rng_state, runtime_class, seed_all, set_rng_state
 from gptscale.runtime.ds_config import assemble, load_template
 from gptscale.scaling.hardware import device_peak_tflops
 from gptscale.train.job import JobDir
@@ -159,17 +159,20 @@ class Trainer:
         if not launch.one_node:
             check_shared_folder(self.run_dir)
         self.resume_from = self._agreed_resume(resume)
+        layout = Layout(mode=mode.name, tp=grid.tp, pp=grid.pp, dp=grid.dp)
+        # A checkpoint of another layout: its weights come in as init_from, Adam's state after.
+        self.reshard = self.resume_from is not None and CheckpointMeta.read(self.resume_from).layout != layout
         if resume == "none":
             self._start_fresh(overwrite_run)
         self.task = task or Pretraining(cfg)
         tokenizer = self.task.tokenizer
-        self.checkpoints = RunCheckpoints(self.run_dir, cfg, Layout(mode=mode.name, tp=grid.tp, pp=grid.pp, dp=grid.dp),
-                                          run_id=self._run_id(), tokenizer_file=tokenizer and tokenizer.path,
+        self.checkpoints = RunCheckpoints(self.run_dir, cfg, layout, run_id=self._run_id(), tokenizer_file=tokenizer and tokenizer.path,
                                           tokenizer_sha256=tokenizer and tokenizer.sha256)
         self.ds_config = assemble(cfg, grid.dp, on_gpu(), template)
         context = RuntimeContext(cfg=cfg, mode=mode, topo=self.topo, ds_config=self.ds_config, deepspeed=deepspeed,
                                  trains=self.task.trains,
-                                 init_from=None if self.resume_from else cfg.train.init_from)
+                                 init_from=str(self.resume_from) if self.reshard
+                                 else None if self.resume_from else cfg.train.init_from)
         runtime = runtime_class(mode.name)
         if self.is_writer:
             print(f"gptscale train: {launch.describe()}", flush=True)
@@ -217,7 +220,12 @@ class Trainer:
         held_out = self.task.validation_batches(self.topo.coords.dp, self.topo.layout.dp)
         step, resumed = 0, None
         if self.resume_from is not None:
-            resumed = self.checkpoints.load(self.resume_from, runtime.load_native)
+            if self.reshard:
+                resumed = self.checkpoints.load_resharded(
+                    self.resume_from, lambda states, step: self.task.redeal(states, step, self.topo.coords.dp, self.topo.layout.dp),
+                    lambda reader, step, adam_step: runtime.load_resharded(reader, step, adam_step))
+            else:
+                resumed = self.checkpoints.load(self.resume_from, runtime.load_native)
             step = resumed.step
             runtime.follow_schedule(step)
             batches.load_state_dict(resumed.data)
@@ -245,7 +253,9 @@ class Trainer:
         job = JobDir(self.is_writer)
         if step == 0 and t.eval_every:  # the baseline the validation curve falls from
             result.val_losses[0] = self._evaluate(held_out, 0, metrics, bar, "(before training)")
-        if resumed is not None:
+        if resumed is not None and resumed.rng is None:  # another layout: no rank's RNG to continue
+            seed_all(cfg.train.seed + 1000 * self.topo.coords.dp + 1 + 7919 * step)
+        elif resumed is not None:
             # Last, right before the first step: the set-up above draws from the generators (the
             # CPU peak measurement, the loaders' seeds), which the saved state already went past.
             set_rng_state(resumed.rng)

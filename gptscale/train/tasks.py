@@ -12,7 +12,7 @@ from typing import Iterable
 
 from gptscale.config import RunConfig
 from gptscale.runtime.base import Batch, Runtime
-from gptscale.train.batches import tokenizer_for, train_batches, validation_batches
+from gptscale.train.batches import redeal_train_batches, tokenizer_for, train_batches, validation_batches
 
 
 class Task:
@@ -36,6 +36,11 @@ class Task:
         """Does this parameter train? (Frozen ones keep their starting weights.)"""
         return True
 
+    def redeal(self, states: list[dict], step: int, dp_rank: int, dp_size: int) -> dict:
+        """Resuming at another layout: this DP rank's `train_batches` state, from the saved
+        states of the old DP ranks (in their order) at training step `step`."""
+        raise NotImplementedError
+
     def save_extras(self, ckpt: Path, runtime: Runtime) -> None:
         """Files of the task's own written into a checkpoint folder before it is committed (every rank)."""
 
@@ -50,3 +55,6 @@ class Pretraining(Task):
 
     def validation_batches(self, dp_rank: int, dp_size: int) -> list[Batch]:
         return validation_batches(self.cfg, dp_rank, dp_size)
+
+    def redeal(self, states: list[dict], step: int, dp_rank: int, dp_size: int) -> dict:
+        return redeal_train_batches(self.cfg, states, step, dp_rank, dp_size)

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from gptscale.testing.distributed import run_ranks
-from tests.parallel.training import ENV, SMALL_LLAMA, train_layouts
+from tests.parallel.training import ENV, SMALL_LLAMA, train_in_turn, train_layouts
 
 pytestmark = pytest.mark.dist
 
@@ -115,14 +115,17 @@ def test_consolidate_export_import_and_start_elsewhere(trained, shards, tmp_path
         assert (hf / file).read_bytes() == (hf_again / file).read_bytes(), file
 
     # train.init_from at other layouts (pipeline stages; TP=2 from the Hugging Face folder): the
-    # validation loss before the first step is the consolidated one.
-    starts = [run_config(tmp_path, shards, "pipe", "parallel.pp=2", f"train.init_from={canon}", "train.steps=1",
-                         "train.eval_every=1"),
-              run_config(tmp_path, shards, "tp2_hf", "parallel.tp=2", f"train.init_from={hf}", "train.steps=1",
-                         "train.eval_every=1")]
-    results = run_ranks(train_layouts, 2, starts, timeout=400, env=ENV)[0]
-    for result in results:
+    # validation loss before the first step is the consolidated one. And the checkpoint itself
+    # resumes at DP=2 (its data re-dealt to two readers) and trains on.
+    starts = [(run_config(tmp_path, shards, "pipe", "parallel.pp=2", f"train.init_from={canon}", "train.steps=1",
+                          "train.eval_every=1"), "none"),
+              (run_config(tmp_path, shards, "tp2_hf", "parallel.tp=2", f"train.init_from={hf}", "train.steps=1",
+                          "train.eval_every=1"), "none"),
+              (run_config(tmp_path, shards, "dp2", "train.micro_batch=2", f"train.steps={STEPS + 2}"), str(ckpt))]
+    *started, resumed = run_ranks(train_in_turn, 2, starts, timeout=400, env=ENV)[0]
+    for result in started:
         assert abs(result["val"][0] - run_val) < 1e-5, (result["val"], run_val)
+    assert sorted(resumed["losses"]) == [STEPS + 1, STEPS + 2] and resumed["losses"][STEPS + 2] < 7, resumed
 
 
 def test_bad_inputs_are_one_line_and_leave_nothing(trained, tmp_path):

@@ -35,6 +35,11 @@ def train_layouts(runs, resume="none"):
     return [train_ranks(overrides, resume) for overrides in runs]
 
 
+def train_in_turn(runs):
+    """Rank body: several trainings, each (overrides, resume), one after another in the same ranks."""
+    return [train_ranks(overrides, resume) for overrides, resume in runs]
+
+
 def synthetic(tmp_path, name, *extra, model=SMALL_MODEL):
     """5 steps of 2 micro-steps x 4 rows (micro_batch=2 on each of 2 DP ranks) of synthetic data."""
     return [*model, "data.synthetic=true", "data.seq_len=32", f"train.out_dir={tmp_path / name}",
