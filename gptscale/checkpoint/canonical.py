@@ -110,6 +110,8 @@ class CanonicalFolder:
         return self.weights.slice(name, index)
 
     def trainer_state(self) -> dict:
+        if not self.has_optimizer:
+            raise CheckpointError(f"{self.path} holds no optimizer state (consolidate with --with-optimizer)")
         try:
             state = json.loads((self.path / TRAINER_STATE).read_text())
             if not isinstance(state, dict) or type(state.get("step")) is not int:

@@ -130,9 +130,12 @@ class HFFolder:
     def names(self) -> list[str]:
         return list(self.shapes)
 
+    def trainer_state(self) -> dict:
+        raise CheckpointError(f"{self.path} is a Hugging Face model folder: it holds no optimizer state")
+
     def tensor(self, name: str, kind: str = "fp32") -> torch.Tensor:
         if kind != "fp32":
-            raise CheckpointError(f"{self.path} is a Hugging Face model folder: it holds no optimizer state")
+            self.trainer_state()
         reader = self
 
         class _Stored(dict):

@@ -76,51 +76,76 @@ def _mapped(path: Path) -> dict:
 
 
 class ZeroEngineFiles:
-    """One ZeRO-3 engine's files for one TP rank: each parameter (and its Adam moments)
-    split into `dp` equal partitions, rank d holding elements [d*n, (d+1)*n) of the padded
-    flat parameter, parameters packed one after another per optimizer group."""
+    """One ZeRO engine's files for one TP rank, every DP rank's partition memory-mapped.
+
+    ZeRO-3 splits each parameter (and its Adam moments) into `dp` equal partitions, rank d
+    holding elements [d*n, (d+1)*n) of the padded parameter, parameters packed one after
+    another per optimizer group ("fp32_flat_groups"). ZeRO-1/2 split each group's flat buffer
+    instead: the ranks' partitions ("single_partition_of_fp32_groups", saved without their
+    padding) concatenate to the group, whose parameters follow one another with DeepSpeed's
+    alignment paddings between them."""
 
     def __init__(self, folder: Path, tp_rank: int, dp: int):
         self.folder = folder
-        model = _mapped(folder / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt")
+        # ZeRO-3 writes model states per DP rank, ZeRO-1/2 one file per TP rank.
+        per_dp = folder / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt"
+        model = _mapped(per_dp if per_dp.is_file() else folder / f"mp_rank_{tp_rank:02d}_model_states.pt")
         groups = model.get("param_shapes")
         if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
             raise CheckpointError(f"{folder}: the model states of TP rank {tp_rank} lack 'param_shapes'; not a "
-                                  f"DeepSpeed ZeRO-3 checkpoint")
+                                  f"DeepSpeed ZeRO checkpoint")
         self.optim = []
         for d in range(dp):
             path = folder / f"zero_pp_rank_{d}_mp_rank_{tp_rank:02d}_optim_states.pt"
             state = _mapped(path).get("optimizer_state_dict")
-            if not isinstance(state, dict) or int(state.get("zero_stage", 0)) != 3 or state.get("partition_count") != dp:
-                raise CheckpointError(f"{path} is not a ZeRO-3 partition of {dp} (zero_stage "
-                                      f"{state.get('zero_stage') if isinstance(state, dict) else None}); the checkpoint "
-                                      f"does not match its COMPLETE.json layout")
+            count = state.get("partition_count") if isinstance(state, dict) else None
+            stage = int(state.get("zero_stage", 0)) if isinstance(state, dict) else 0
+            partitions = count if stage == 3 else max(count) if isinstance(count, list) and count else None
+            if stage not in (1, 2, 3) or partitions != dp:
+                raise CheckpointError(f"{path} is not a ZeRO partition of {dp} (zero_stage {stage}, partitions "
+                                      f"{count}); the checkpoint does not match its COMPLETE.json layout")
             self.optim.append(state)
+        self.stage = stage
         self.frozen = self._frozen(model, folder, tp_rank, dp)
-        # name -> (group, offset into each rank's flat partition, partition length, shape)
-        self.where: dict[str, tuple[int, int, int, torch.Size]] = {}
+        # name -> (group, [(DP rank, start in its flat partition, length, start in the tensor)], shape)
+        self.where: dict[str, tuple[int, list[tuple[int, int, int, int]], torch.Size]] = {}
         for g, shapes in enumerate(groups):
-            offset = 0
-            for name, shape in shapes.items():
-                numel = torch.Size(shape).numel()
-                part = -(-numel // dp)
-                self.where[name] = (g, offset, part, torch.Size(shape))
-                offset += part
-            for d, state in enumerate(self.optim):
-                flat = self._flat(state, "fp32", g)
-                if flat.numel() != offset:
-                    raise CheckpointError(f"{folder}: DP rank {d}'s partition of optimizer group {g} has "
-                                          f"{flat.numel()} elements, its parameters need {offset}; the files are "
-                                          f"damaged or from different saves")
+            lengths = [self._flat(state, "fp32", g).numel() for state in self.optim]
+            paddings = (self.optim[0].get("param_alignment_paddings") or [None] * len(groups))[g] if stage < 3 else None
+            end = self._index_group(g, shapes, lengths, dp, paddings)
+            available = lengths[0] * dp if stage == 3 else sum(lengths)
+            if end > available or (stage == 3 and (end != available or len(set(lengths)) > 1)):
+                raise CheckpointError(f"{folder}: optimizer group {g} holds {available} elements over its DP ranks, "
+                                      f"its parameters need {end}; the files are damaged or from different saves")
 
-    @staticmethod
-    def _frozen(model: dict, folder: Path, tp_rank: int, dp: int) -> dict[str, tuple[list[torch.Tensor], torch.Size]]:
-        """Frozen (not trained) parameters: each DP rank's model states file holds its fragment."""
+    def _index_group(self, g: int, shapes: dict, lengths: list[int], dp: int, paddings) -> int:
+        """Record where each parameter of group `g` lies; returns the elements the group uses."""
+        offset = 0
+        starts = [sum(lengths[:d]) for d in range(dp)]  # ZeRO-1/2: where each rank's partition begins
+        for i, (name, shape) in enumerate(shapes.items()):
+            shape = torch.Size(shape)
+            numel = shape.numel()
+            if self.stage == 3:
+                part = -(-numel // dp)
+                spans = [(d, offset, min(part, numel - d * part), d * part) for d in range(dp) if d * part < numel]
+                offset += part
+            else:
+                spans = [(d, max(offset, starts[d]) - starts[d],
+                          min(offset + numel, starts[d] + lengths[d]) - max(offset, starts[d]),
+                          max(offset, starts[d]) - offset)
+                         for d in range(dp) if max(offset, starts[d]) < min(offset + numel, starts[d] + lengths[d])]
+                offset += numel + (paddings[i] if paddings else 0)
+            self.where[name] = (g, spans, shape)
+        return offset * (dp if self.stage == 3 else 1)
+
+    def _frozen(self, model: dict, folder: Path, tp_rank: int, dp: int) -> dict[str, tuple[list[torch.Tensor], torch.Size]]:
+        """Frozen (not trained) parameters: under ZeRO-3 each DP rank's model states file holds
+        its fragment; under ZeRO-1/2 rank 0's holds them whole."""
         shapes = model.get("frozen_param_shapes") or {}
         if not shapes:
             return {}
         fragments = [model.get("frozen_param_fragments") or {}]
-        for d in range(1, dp):
+        for d in range(1, dp if self.stage == 3 else 1):
             other = _mapped(folder / f"zero_pp_rank_{d}_mp_rank_{tp_rank:02d}_model_states.pt")
             fragments.append(other.get("frozen_param_fragments") or {})
         return {name: ([f[name] for f in fragments], torch.Size(shape)) for name, shape in shapes.items()
@@ -131,12 +156,26 @@ class ZeroEngineFiles:
 
     def _flat(self, state: dict, kind: str, group: int) -> torch.Tensor:
         try:
+            if self.stage == 3:
+                if kind == "fp32":
+                    return state["fp32_flat_groups"][group]
+                return state["optimizer_state_dict"]["state"][group][kind]
             if kind == "fp32":
-                return state["fp32_flat_groups"][group]
-            return state["optimizer_state_dict"]["state"][group][kind]
+                return state["single_partition_of_fp32_groups"][group]
+            return state["base_optimizer_state"][group][kind]
         except (KeyError, IndexError, TypeError):
             raise CheckpointError(f"{self.folder}: no {kind} state for optimizer group {group}; the checkpoint "
                                   f"holds no optimizer state of that kind") from None
+
+    def adam_step(self) -> int:
+        """Optimizer steps Adam took (its bias correction; skipped steps make it lag the step)."""
+        state = self.optim[0]
+        try:
+            step = (state["optimizer_state_dict"]["state"][0] if self.stage == 3 else state["base_optimizer_state"][0])["step"]
+            return int(step.item() if torch.is_tensor(step) else step)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError):
+            raise CheckpointError(f"{self.folder}: no Adam step count in the optimizer state; the checkpoint holds "
+                                  f"no optimizer state to continue from") from None
 
     def tensor(self, name: str, kind: str = "fp32") -> torch.Tensor:
         """This TP rank's whole `name` (fp32 weights or an Adam moment), in fresh memory."""
@@ -145,13 +184,13 @@ class ZeroEngineFiles:
                 raise CheckpointError(f"{self.folder}: {name} is frozen and has no optimizer state")
             pieces, shape = self.frozen[name]
             return torch.cat([p.flatten() for p in pieces])[:shape.numel()].view(shape).clone()
-        group, offset, part, shape = self.where[name]
-        out = torch.empty(part * len(self.optim), dtype=torch.float32)
-        for d, state in enumerate(self.optim):
-            piece = self._flat(state, kind, group).narrow(0, offset, part)
-            out[d * part:(d + 1) * part].copy_(piece)
+        group, spans, shape = self.where[name]
+        out = torch.empty(shape.numel(), dtype=torch.float32)
+        for d, start, length, at in spans:
+            piece = self._flat(self.optim[d], kind, group).narrow(0, start, length)
+            out[at:at + length].copy_(piece)
             release_pages(piece)
-        return out[:shape.numel()].view(shape)
+        return out.view(shape)
 
 
 class CheckpointReader:
@@ -213,15 +252,8 @@ class CheckpointReader:
                 "layout": self.layout.to_json(), "data": data}
 
     def _adam_step(self) -> int:
-        """Optimizer steps Adam took (its bias correction), which skipped steps make fewer than
-        the training step."""
         engine = next(files for sources in self._sources.values() for files, _ in sources)
-        try:
-            step = engine.optim[0]["optimizer_state_dict"]["state"][0]["step"]
-            return int(step.item() if torch.is_tensor(step) else step)
-        except (KeyError, IndexError, TypeError, ValueError, RuntimeError):
-            raise CheckpointError(f"{self.path}: no Adam step count in the optimizer state; the checkpoint holds "
-                                  f"no optimizer state to continue from") from None
+        return engine.adam_step()
 
     @property
     def names(self) -> list[str]:

@@ -94,10 +94,39 @@ def run() -> int:
     """`python -m gptscale.cli`: `main`, with any other exception recorded for torchrun as well
     (torch's `@record`)."""
     if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
-        return main()
-    from torch.distributed.elastic.multiprocessing.errors import record
+        code = main()
+    else:
+        from torch.distributed.elastic.multiprocessing.errors import record
 
-    return record(main)()
+        code = record(main)()
+    if "torch.distributed" in sys.modules:
+        _exit_without_finalizing(code)
+    return code
+
+
+def _exit_without_finalizing(code: int) -> None:
+    """End the process once torch.distributed was used, skipping interpreter finalization:
+    gloo's worker threads may still hold tensors of asynchronous collectives (DeepSpeed does
+    not wait for all of them), and a thread that releases one while the interpreter finalizes
+    aborts the whole process ("terminate called without an active exception", SIGABRT after a
+    clean finish or a one-line error; seen under mpirun and in CI). atexit handlers still run,
+    and the standard streams are flushed; multiprocessing's children end the same way. MPI is
+    finalized first where mpi4py started it (its own exit hook would not run; Open MPI's
+    launcher counts a rank that ends without MPI_Finalize as failed)."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    if "mpi4py.MPI" in sys.modules:
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.Finalize()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

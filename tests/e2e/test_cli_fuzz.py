@@ -81,6 +81,7 @@ def _argument_cases(tmp: Path) -> list[list[str]]:
     cases += [[*gen, "--checkpoint", str(damaged), flag, v] for flag, values in
               (("--max-new-tokens", ("0", "-5", "x")), ("--top-k", ("0", "-1")),
                ("--temperature", ("-1", "nan", "inf", "x")), ("--seed", ("-1", "x"))) for v in values]
+    cases += _convert_cases(tmp, damaged, forged)
     cases += [["plot", str(p)] for p in ("/nonexistent", tmp / "empty_dir", tmp / "a_file", tmp / "run",
                                          tmp / "run2")]
     train = ["train", "--set", "model.preset=tiny", "--set", "model.n_layer=2", "--set", "train.progress=false",
@@ -92,6 +93,38 @@ def _argument_cases(tmp: Path) -> list[list[str]]:
     cases += [[*train, "--set", "data.synthetic=true", "--resume", r] for r in ("/nonexistent", str(damaged))]
     cases += [[*train, "--set", "data.synthetic=true", "--resume", "none", "--overwrite-run", "--set", "train.steps=0"]]
     return cases
+
+
+def _convert_cases(tmp: Path, damaged: Path, forged: Path) -> list[list[str]]:
+    """Folders that look like a canonical or Hugging Face folder and are not."""
+    folders = {
+        "hf_garbage_json": {"config.json": "{" * 5000},
+        "hf_list": {"config.json": "[1, 2]"},
+        "hf_mistral": {"config.json": json.dumps({"model_type": "mistral"})},
+        "hf_wrong_types": {"config.json": json.dumps({"model_type": "llama", "hidden_size": "big", "vocab_size": -3})},
+        "hf_pickle": {"config.json": json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2,
+                                                 "vocab_size": 10, "n_positions": 8}), "pytorch_model.bin": "x"},
+        "hf_bad_weights": {"config.json": json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2,
+                                                      "vocab_size": 10, "n_positions": 8}),
+                           "model.safetensors": "\xff" * 64},
+        "canonical_bad_index": {"config.yaml": "model: {preset: tiny}\n",
+                                "model.safetensors.index.json": json.dumps({"weight_map": {"a": "../../etc/passwd"}})},
+        "canonical_forged_header": {"config.yaml": "model: {preset: tiny}\n",
+                                    "model.safetensors": "\x40" + "\x00" * 7 + '{"a": {"dtype": "F32", "shape": '
+                                                         '[1000000000], "data_offsets": [0, 4000000000]}}'},
+    }
+    for name, files in folders.items():
+        (tmp / name).mkdir()
+        for file, text in files.items():
+            (tmp / name / file).write_text(text)
+    sources = ["/nonexistent", tmp / "a_file", tmp / "empty_dir", damaged, forged, *(tmp / n for n in folders)]
+    cases = []
+    for command in ("consolidate", "to-hf", "from-hf"):
+        cases += [["convert", command, str(p), str(tmp / "out")] for p in sources]
+        cases += [["convert", command, str(forged), str(tmp / "out"), flag, v] for flag, values in
+                  (("--dtype", ("fp8", "")), ("--max-shard-size", ("0", "-1", "x"))) for v in values]
+        cases += [["convert", command, str(forged), str(tmp / "empty_dir")], ["convert", command]]
+    return cases + [["generate", "--prompt", "x", "--checkpoint", str(tmp / n)] for n in folders]
 
 
 def _config_cases(tmp: Path) -> list[list[str]]:
