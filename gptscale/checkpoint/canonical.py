@@ -92,17 +92,16 @@ class CanonicalFolder:
         return (self.path / TRAINER_STATE).is_file()
 
     def tensor(self, name: str, kind: str = "fp32") -> torch.Tensor:
-        """Weights as stored (fp32 or bf16), or fp32 optimizer state ("fp32" = master weights)."""
-        if kind == "weights":
-            return self.weights.tensor(name)
-        if not self.has_optimizer:
-            if kind != "fp32":
-                raise CheckpointError(f"{self.path} holds no optimizer state (consolidate with --with-optimizer)")
-            return self.weights.tensor(name).float()
+        """The weights ("fp32": as fp32, "weights": as stored) or fp32 optimizer state
+        ("master", "exp_avg", "exp_avg_sq")."""
+        if kind in ("fp32", "weights"):
+            stored = self.weights.tensor(name)
+            return stored if kind == "weights" else stored.float()
+        self.trainer_state()  # there is optimizer state
         if self._optimizer is None:
             self._optimizer = ShardedSafetensors(self.path, "optimizer")
-        key = f"{'master' if kind == 'fp32' else kind}.{name}"
-        if key not in self._optimizer.stored:  # fp32 weights are not stored twice
+        key = f"{kind}.{name}"
+        if key not in self._optimizer.stored and kind == "master":  # fp32 weights are not stored twice
             return self.weights.tensor(name).float()
         return self._optimizer.tensor(key)
 
@@ -133,13 +132,13 @@ def write_canonical(source: Source, out: str | Path, dtype: str = "fp32", with_o
         write_sharded(staging, "model", entries, lambda name: source.tensor(name).to(target), max_shard_bytes,
                       {"format": FORMAT, "dtype": dtype}, progress)
         if with_optimizer:
-            kinds = [*(["fp32"] if target != torch.float32 else []), *MOMENTS]
-            entries = [Entry(f"{'master' if k == 'fp32' else k}.{n}", tuple(source.shapes[n]), torch.float32)
-                       for n in source.names for k in kinds]
+            # The master weights are stored apart only when the weights are not fp32 already.
+            kinds = [*(["master"] if target != torch.float32 else []), *MOMENTS]
+            entries = [Entry(f"{k}.{n}", tuple(source.shapes[n]), torch.float32) for n in source.names for k in kinds]
 
             def produce(key: str) -> torch.Tensor:
                 kind, name = key.split(".", 1)
-                return source.tensor(name, "fp32" if kind == "master" else kind)
+                return source.tensor(name, kind)
 
             write_sharded(staging, "optimizer", entries, produce, max_shard_bytes, {"format": FORMAT}, progress)
             (staging / TRAINER_STATE).write_text(json.dumps(trainer_state or {}, indent=2) + "\n")

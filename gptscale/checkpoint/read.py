@@ -36,7 +36,9 @@ from gptscale.model.stages import StageLayer, StageModule, layers_with_parameter
 from gptscale.modes import CheckpointFiles
 from gptscale.parallel.topology import TPGroup
 
-STATES = ("fp32", "exp_avg", "exp_avg_sq")  # what a ZeRO engine keeps per parameter element
+# What a checkpoint holds per parameter: "fp32" the weights (as fp32), "master" the optimizer's
+# fp32 master weights (the same values unless training was bf16), Adam's two moments.
+KINDS = ("fp32", "master", "exp_avg", "exp_avg_sq")
 
 
 def release_pages(tensor: torch.Tensor) -> None:
@@ -85,8 +87,13 @@ class ZeroEngineFiles:
     padding) concatenate to the group, whose parameters follow one another with DeepSpeed's
     alignment paddings between them."""
 
-    def __init__(self, folder: Path, tp_rank: int, dp: int):
+    def __init__(self, folder: Path, tp_rank: int, dp: int, what: str = "weights"):
+        """`tp_rank`: the mp_rank of the file names (the TP rank; stage x TP in a pipe checkpoint)."""
         self.folder = folder
+        if what == "optimizer" and not (folder / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_optim_states.pt").is_file():
+            raise CheckpointError(f"{folder} holds no ZeRO optimizer files (it was trained with ZeRO stage 0?); its "
+                                  f"optimizer state cannot be read: consolidate the weights only, or resume it at its "
+                                  f"own layout")
         # ZeRO-3 writes model states per DP rank, ZeRO-1/2 one file per TP rank.
         per_dp = folder / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt"
         model = _mapped(per_dp if per_dp.is_file() else folder / f"mp_rank_{tp_rank:02d}_model_states.pt")
@@ -155,6 +162,7 @@ class ZeroEngineFiles:
         return list(self.where) + [n for n in self.frozen if n not in self.where]
 
     def _flat(self, state: dict, kind: str, group: int) -> torch.Tensor:
+        kind = "fp32" if kind == "master" else kind
         try:
             if self.stage == 3:
                 if kind == "fp32":
@@ -162,16 +170,23 @@ class ZeroEngineFiles:
                 return state["optimizer_state_dict"]["state"][group][kind]
             if kind == "fp32":
                 return state["single_partition_of_fp32_groups"][group]
-            return state["base_optimizer_state"][group][kind]
+            return self._base_state(state)[group][kind]
         except (KeyError, IndexError, TypeError):
             raise CheckpointError(f"{self.folder}: no {kind} state for optimizer group {group}; the checkpoint "
                                   f"holds no optimizer state of that kind") from None
+
+    @staticmethod
+    def _base_state(state: dict):
+        """ZeRO-1/2's Adam state per group: a list (elastic checkpoints, padding removed) or the
+        torch optimizer's state_dict (its tensors keep the padding, at their end)."""
+        base = state["base_optimizer_state"]
+        return base["state"] if isinstance(base, dict) else base
 
     def adam_step(self) -> int:
         """Optimizer steps Adam took (its bias correction; skipped steps make it lag the step)."""
         state = self.optim[0]
         try:
-            step = (state["optimizer_state_dict"]["state"][0] if self.stage == 3 else state["base_optimizer_state"][0])["step"]
+            step = (state["optimizer_state_dict"]["state"][0] if self.stage == 3 else self._base_state(state)[0])["step"]
             return int(step.item() if torch.is_tensor(step) else step)
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError):
             raise CheckpointError(f"{self.folder}: no Adam step count in the optimizer state; the checkpoint holds "
@@ -180,7 +195,7 @@ class ZeroEngineFiles:
     def tensor(self, name: str, kind: str = "fp32") -> torch.Tensor:
         """This TP rank's whole `name` (fp32 weights or an Adam moment), in fresh memory."""
         if name not in self.where:
-            if kind != "fp32":
+            if kind not in ("fp32", "master"):
                 raise CheckpointError(f"{self.folder}: {name} is frozen and has no optimizer state")
             pieces, shape = self.frozen[name]
             return torch.cat([p.flatten() for p in pieces])[:shape.numel()].view(shape).clone()
@@ -210,6 +225,7 @@ class CheckpointReader:
         with torch.device("meta"):
             layers = stage_layers(self.cfg.model, TPGroup.shape_only(tp))
         self.tokenizer_dir = self.path / TOKENIZER if (self.path / TOKENIZER).is_dir() else None
+        self._pipe_optimizer: dict[str, list[tuple[object, str]]] | None = None
         # canonical name -> per TP rank, (files, the name inside them)
         self._sources: dict[str, list[tuple[object, str]]] = {}
         self.kind = kind = mode.checkpoint_files
@@ -234,25 +250,50 @@ class CheckpointReader:
                                   f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. "
                                   f"{unexpected[:2]}); the config and the files come from different runs")
 
+        self._layers = layers
+
     def _index_pipeline_layers(self, layers: list[StageLayer], tp: int) -> None:
         for index in layers_with_parameters(layers):
             files = [_PipelineLayerFile(pipeline_layer_file(self.path, index, t)) for t in range(tp)]
             for local in files[0].names():
                 self._sources.setdefault(layers[index].prefix + local, [(f, local) for f in files])
 
+    def _optimizer_sources(self) -> dict[str, list[tuple[object, str]]]:
+        """Where Adam's state is. A pipe checkpoint keeps it apart from the layer files: ZeRO-1
+        files per model-parallel rank (stage x TP, TP minor), under the PipelineModule's names
+        (`<layer index>.<name>`, `tied_modules.<key>.<name>`)."""
+        if self.kind is not CheckpointFiles.PIPELINE_LAYERS:
+            return self._sources
+        if self._pipe_optimizer is None:
+            tp, found = self.layout.tp, {}
+            tied = {layer.tie_key: layer for layer in self._layers if layer.tie_key is not None}
+            for stage in range(self.layout.pp):
+                engines = [ZeroEngineFiles(self.path, stage * tp + t, self.layout.dp, what="optimizer")
+                           for t in range(tp)]
+                for local in engines[0].names():
+                    head, rest = local.split(".", 1)
+                    if head == "tied_modules":
+                        key, rest = rest.split(".", 1)
+                        prefix = tied[key].prefix if key in tied else "?"
+                    else:
+                        prefix = self._layers[int(head)].prefix if head.isdigit() and int(head) < len(self._layers) else "?"
+                    found.setdefault(prefix + rest, [(e, local) for e in engines])
+            missing = [n for n in self.shapes if n not in found]
+            if missing:
+                raise CheckpointError(f"{self.path}: the pipeline's optimizer files lack {missing[:2]}; the checkpoint "
+                                      f"is damaged or its config is another model's")
+            self._pipe_optimizer = found
+        return self._pipe_optimizer
+
     def trainer_state(self) -> dict:
         """What a run needs besides tensors to continue: the step, the layout it was saved at
         and every rank's data-loader position (the learning-rate schedule follows the step)."""
-        if self.kind is CheckpointFiles.PIPELINE_LAYERS:
-            raise CheckpointError(f"{self.path}: the optimizer state of a {self.layout.mode} checkpoint (DeepSpeed's "
-                                  f"ZeRO stage <= 1 flat buffers) is not read by gptscale convert; consolidate the "
-                                  f"weights only, or train with parallel.mode=pipe_zero3 or zero3")
         data = [load_rank_state(rank_state_file(self.path, r))[0] for r in range(self.layout.world_size)]
         return {"step": self.meta.step, "adam_step": self._adam_step(), "run_id": self.meta.run_id,
                 "layout": self.layout.to_json(), "data": data}
 
     def _adam_step(self) -> int:
-        engine = next(files for sources in self._sources.values() for files, _ in sources)
+        engine = next(files for sources in self._optimizer_sources().values() for files, _ in sources)
         return engine.adam_step()
 
     @property
@@ -261,8 +302,9 @@ class CheckpointReader:
         return list(self.shapes)
 
     def tensor(self, name: str, kind: str = "fp32") -> torch.Tensor:
-        """The canonical (TP-merged, unpadded) fp32 `name`: weights, or an Adam moment."""
-        pieces = [files.tensor(local, kind) for files, local in self._sources[name]]
+        """The canonical (TP-merged, unpadded) fp32 `name`: one of KINDS."""
+        sources = self._sources if kind == "fp32" else self._optimizer_sources()
+        pieces = [files.tensor(local, kind) for files, local in sources[name]]
         merged = merge_tensor(pieces, self.table[name], self.cfg.model.vocab_size)
         if merged.shape != self.shapes[name]:
             raise CheckpointError(f"{self.path}: {name} has shape {tuple(merged.shape)} in the files, the model in "
@@ -292,9 +334,6 @@ class _PipelineLayerFile:
         return list(self.state)
 
     def tensor(self, name: str, kind: str = "fp32") -> torch.Tensor:
-        if kind != "fp32":
-            raise CheckpointError(f"{self.path.parent}: the optimizer state of a pipe (ZeRO stage <= 1) checkpoint "
-                                  f"is not read by gptscale convert; consolidate its weights only")
         stored = self.state[name]
         out = stored.float().clone()
         release_pages(stored)

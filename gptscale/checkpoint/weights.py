@@ -31,7 +31,7 @@ def tp_piece(source, name: str, split: Split, rank: int, tp: int, padded_vocab: 
              kind: str = "weights") -> torch.Tensor:
     """TP rank `rank`'s piece of canonical tensor `name` (vocabulary rows padded with zeros):
     its weights, reading only that piece where the source can slice (safetensors), or its
-    fp32 master weights / an Adam moment (kind "fp32", "exp_avg", "exp_avg_sq")."""
+    fp32 master weights or an Adam moment (kind "master", "exp_avg", "exp_avg_sq")."""
     shape = source.shapes[name]
 
     def read(index):

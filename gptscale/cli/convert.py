@@ -78,7 +78,7 @@ def add_parsers(sub) -> None:
     _add_output_options(p)
     p.add_argument("--with-optimizer", action="store_true",
                    help="also write the fp32 master weights and Adam's moments under canonical names, the step, "
-                        "the layout and every rank's data position (zero3 and pipe_zero3 checkpoints)")
+                        "the layout and every rank's data position (any mode trained with a ZeRO optimizer)")
     p.set_defaults(func=cmd_consolidate)
 
     p = csub.add_parser("to-hf", help="a checkpoint or canonical folder -> a transformers folder",

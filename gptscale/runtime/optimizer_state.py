@@ -42,8 +42,8 @@ def create_adam_state(engine, opt: torch.optim.Optimizer, step: int) -> None:
 
 
 def load_adam_state(engine, params: dict[str, nn.Parameter], pieces, step: int) -> None:
-    """`pieces(name, kind)` gives this rank's TP piece of canonical `name` for kind "fp32"
-    (master weights), "exp_avg" or "exp_avg_sq"."""
+    """`pieces(name, kind)` gives this rank's TP piece of canonical `name` for kind "master"
+    (fp32 master weights), "exp_avg" or "exp_avg_sq"."""
     opt = torch_optimizer(engine)
     create_adam_state(engine, opt, step)
     zero = engine.optimizer
@@ -53,8 +53,8 @@ def load_adam_state(engine, params: dict[str, nn.Parameter], pieces, step: int) 
     for name, param in params.items():
         if not param.requires_grad:
             continue
-        for kind in ("fp32", *MOMENTS):
-            _write(opt, param, pieces(name, kind), None if kind == "fp32" else kind)
+        for kind in ("master", *MOMENTS):
+            _write(opt, param, pieces(name, kind), None if kind == "master" else kind)
 
 
 def _write(opt: torch.optim.Optimizer, param: nn.Parameter, value: torch.Tensor, key: str | None) -> None:

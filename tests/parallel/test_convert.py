@@ -168,3 +168,27 @@ def test_bad_inputs_are_one_line_and_leave_nothing(trained, tmp_path):
     (out / "mine.txt").write_text("keep")
     one_line_error(gptscale("convert", "consolidate", str(ckpt), str(out), "--quiet"), "already exists")
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_consolidate_with_optimizer_keeps_master_weights_moments_and_position(trained, tmp_path):
+    from gptscale.checkpoint.canonical import CanonicalFolder
+    from gptscale.checkpoint.read import CheckpointReader
+
+    _, ckpt, _ = trained
+    out = tmp_path / "bf16"
+    ok(gptscale("convert", "consolidate", str(ckpt), str(out), "--dtype", "bf16", "--with-optimizer",
+                "--max-shard-size", "1", "--quiet"))
+    saved, canon = CheckpointReader(ckpt), CanonicalFolder(out)
+    assert len(list(out.glob("optimizer-*.safetensors"))) > 1 and canon.weights.metadata["dtype"] == "bf16"
+    for name in saved.names:
+        master = saved.tensor(name, "master")
+        assert canon.tensor(name, "weights").dtype == torch.bfloat16
+        assert torch.equal(canon.tensor(name, "weights"), master.bfloat16())
+        assert torch.equal(canon.tensor(name, "master"), master)  # kept apart: the weights are rounded
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(canon.tensor(name, moment), saved.tensor(name, moment)), (name, moment)
+    assert saved.tensor("head.weight", "exp_avg_sq").abs().sum() > 0  # the moments are real, not zeros
+    state = canon.trainer_state()
+    assert (state["step"], state["adam_step"], state["layout"]) == (STEPS, STEPS, {"mode": "zero3", "tp": 2, "pp": 1,
+                                                                                      "dp": 1})
+    assert len(state["data"]) == 2 and state["data"][0] == state["data"][1]  # both TP ranks read the same stream

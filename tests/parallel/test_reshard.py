@@ -1,10 +1,10 @@
 """Resume anywhere: a run saved at zero3 TP=2 x DP=2 continues at another mode and layout
 (weights, Adam's moments and step, schedule and data position carry over) with the losses
-the unconverted run has."""
+the unconverted run has; so does one saved at pipe PP=2 x DP=2 continuing at zero3."""
 import pytest
 
 from gptscale.testing.distributed import run_ranks
-from tests.parallel.training import ENV, SMALL_LLAMA, synthetic, train_in_turn
+from tests.parallel.training import ENV, SMALL_LLAMA, save_init_weights, synthetic, train_in_turn
 
 pytestmark = pytest.mark.dist
 
@@ -23,18 +23,24 @@ def config(tmp_path, name, steps, *extra):
 
 def test_a_zero3_run_continues_at_pipe_pipe_zero3_and_one_rank_with_the_same_losses(tmp_path):
     ckpt = tmp_path / "saved" / "checkpoints" / f"step{SAVED:08d}"
+    pipe_ckpt = tmp_path / "pipe_saved" / "checkpoints" / f"step{SAVED:08d}"
+    start = f"train.init_from={save_init_weights(tmp_path / 'init.safetensors', MODEL)}"
     total = SAVED + MORE
-    four = [(config(tmp_path, "saved", SAVED, "parallel.tp=2"), "none"),
+    four = [(config(tmp_path, "saved", SAVED, "parallel.tp=2", start), "none"),
             (config(tmp_path, "saved", total, "parallel.tp=2"), "auto"),  # the unconverted continuation
             (config(tmp_path, "pipe", total, "parallel.pp=2"), str(ckpt)),
             (config(tmp_path, "pipe_zero3", total, "parallel.pp=2", "parallel.mode=pipe_zero3",
-                    "train.ds_config=zero3"), str(ckpt))]
-    saved, same, pipe, pipe_zero3 = run_ranks(train_in_turn, 4, four, timeout=500, env=ENV)[0]
+                    "train.ds_config=zero3"), str(ckpt)),
+            # The other way: saved by the PipelineEngine (ZeRO-1 optimizer files), continued at zero3.
+            (config(tmp_path, "pipe_saved", SAVED, "parallel.pp=2", start), "none"),
+            (config(tmp_path, "from_pipe", total, "parallel.tp=2"), str(pipe_ckpt))]
+    saved, same, pipe, pipe_zero3, pipe_saved, from_pipe = run_ranks(train_in_turn, 4, four, timeout=500, env=ENV)[0]
     one = [(config(tmp_path, "one", total, "train.micro_batch=4"), str(ckpt)),
            (config(tmp_path, "weights_only", MORE, "train.micro_batch=4", f"train.init_from={ckpt}"), "none")]
     single, weights_only = run_ranks(train_in_turn, 1, one, timeout=300, env=ENV)[0]
     assert sorted(same["losses"]) == list(range(SAVED + 1, total + 1))
-    for name, run in (("pipe", pipe), ("pipe_zero3", pipe_zero3), ("tp1 dp1", single)):
+    assert max(abs(pipe_saved["losses"][s] - saved["losses"][s]) for s in saved["losses"]) < 1e-4
+    for name, run in (("pipe", pipe), ("pipe_zero3", pipe_zero3), ("tp1 dp1", single), ("from pipe", from_pipe)):
         assert sorted(run["losses"]) == sorted(same["losses"]), (name, run["losses"])
         diffs = [abs(run["losses"][s] - same["losses"][s]) for s in same["losses"]]
         assert max(diffs) < 1e-4, (name, run["losses"], same["losses"])
