@@ -26,7 +26,7 @@ import yaml
 
 from gptscale import config
 from gptscale.atomic import staged_folder
-from gptscale.checkpoint.layout import CONFIG, TOKENIZER
+from gptscale.checkpoint.layout import CONFIG, TOKENIZER, Layout
 from gptscale.checkpoint.sharded import DEFAULT_SHARD_BYTES, Entry, ShardedSafetensors, write_sharded
 from gptscale.config import RunConfig
 from gptscale.convert.tp import canonical_layout
@@ -111,13 +111,21 @@ class CanonicalFolder:
     def trainer_state(self) -> dict:
         if not self.has_optimizer:
             raise CheckpointError(f"{self.path} holds no optimizer state (consolidate with --with-optimizer)")
+        path = self.path / TRAINER_STATE
         try:
-            state = json.loads((self.path / TRAINER_STATE).read_text())
-            if not isinstance(state, dict) or type(state.get("step")) is not int:
-                raise TypeError("no integer 'step'")
+            state = json.loads(path.read_text())
+            if not isinstance(state, dict):
+                raise TypeError("not a JSON object")
+            for key in ("step", "adam_step"):
+                if type(state.get(key)) is not int or state[key] < 0:
+                    raise TypeError(f"{key!r} is not an integer >= 0")
+            layout = Layout.from_json(state.get("layout"), path)
+            data = state.get("data")
+            if not isinstance(data, list) or len(data) != layout.world_size or not isinstance(state.get("run_id"), str):
+                raise TypeError(f"'data' is not one loader state per rank of {layout.to_json()}, or no 'run_id'")
             return state
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, RecursionError) as exc:
-            raise CheckpointError(f"{self.path / TRAINER_STATE} is damaged ({type(exc).__name__}: {exc})") from None
+            raise CheckpointError(f"{path} is damaged ({type(exc).__name__}: {exc})") from None
 
 
 def write_canonical(source: Source, out: str | Path, dtype: str = "fp32", with_optimizer: bool = False,

@@ -261,39 +261,44 @@ class RunCheckpoints:
 
     def load_resharded(self, path: Path, redeal: Callable[[list[dict], int], dict],
                        read_state: Callable[[Any, int, int], None]) -> Resumed:
-        """A checkpoint of another layout (mode, TP, PP, DP): checked on every rank and agreed,
-        then `read_state(reader, step, adam_step)` puts Adam's state into the engine (the
-        weights came in through init_from), and `redeal(loader states, one per old DP rank, step)`
-        gives this rank's data position. The RNG starts afresh (rng None): there is no old rank
-        to take it from."""
-        from gptscale.checkpoint.read import CheckpointReader
+        """Continue from a checkpoint of another layout (mode, TP, PP, DP), or a canonical folder
+        with optimizer state: checked on every rank and agreed, then `read_state(source, step,
+        adam_step)` puts Adam's state into the engine (the weights came in through init_from),
+        and `redeal(loader states, one per old DP rank, step)` gives this rank's data position.
+        The RNG starts afresh (rng None): there is no old rank to take it from."""
+        from gptscale.checkpoint.convert import open_source
         from gptscale.parallel.topology import RankLayout
 
         found: dict[str, Any] = {}
 
         def check() -> None:
-            found["meta"] = self._check_fits(path, same_layout=False)
-            found["reader"] = CheckpointReader(path)
-            found["state"] = found["reader"].trainer_state()
+            source = open_source(path)
+            self._check_model(path, dataclasses.asdict(source.cfg.model))
+            found["source"], found["state"] = source, source.trainer_state()
 
-        agree(attempt(check), f"checking checkpoint {path}")
-        meta, reader, state = found["meta"], found["reader"], found["state"]
-        old = RankLayout(tp=meta.layout.tp, dp=meta.layout.dp, pp=meta.layout.pp)
-        data = redeal([state["data"][old.rank(tp=0, dp=d, pp=0)] for d in range(old.dp)], meta.step)
-        read_state(reader, meta.step, state["adam_step"])
-        moved = f"layout {meta.layout.to_json()} -> {self.layout.to_json()}"
-        return Resumed(step=meta.step, run_id=meta.run_id, data=data, rng=None, changes=[moved, *self._changes(path)])
+        agree(attempt(check), f"checking {path}")
+        source, state = found["source"], found["state"]
+        saved = Layout.from_json(state["layout"], path)
+        old = RankLayout(tp=saved.tp, dp=saved.dp, pp=saved.pp)
+        data = redeal([state["data"][old.rank(tp=0, dp=d, pp=0)] for d in range(old.dp)], state["step"])
+        read_state(source, state["step"], state["adam_step"])
+        moved = f"layout {saved.to_json()} -> {self.layout.to_json()}"
+        return Resumed(step=state["step"], run_id=state["run_id"], data=data, rng=None,
+                       changes=[moved, *self._changes(path)])
 
-    def _check_fits(self, path: Path, same_layout: bool = True) -> CheckpointMeta:
-        meta = CheckpointMeta.read(path)
+    def _check_model(self, path: Path, saved: dict) -> None:
         current = dataclasses.asdict(self.cfg.model)
         shape = [k for k in current if k not in self.cfg.model.training_only_fields()]
-        differs = {k: (meta.model.get(k), current[k]) for k in shape if meta.model.get(k) != current[k]}
+        differs = {k: (saved.get(k), current[k]) for k in shape if saved.get(k) != current[k]}
         if differs:
             what = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(differs.items()))
             raise CheckpointError(f"checkpoint {path} is for another model shape ({what}); resume with its config "
                                   f"({path / CONFIG}) or start a new run directory")
-        if same_layout and meta.layout != self.layout:
+
+    def _check_fits(self, path: Path) -> CheckpointMeta:
+        meta = CheckpointMeta.read(path)
+        self._check_model(path, meta.model)
+        if meta.layout != self.layout:
             raise CheckpointError(f"checkpoint {path} was written with layout {meta.layout.to_json()} but this run "
                                   f"has {self.layout.to_json()}")
         return meta

@@ -72,12 +72,16 @@ def _write(opt: torch.optim.Optimizer, param: nn.Parameter, value: torch.Tensor,
         local = local.to(param.ds_tensor.device)
         if key is None:
             safe_set_local_fp32_param(param, local)
+            with torch.no_grad():  # the weights the next forward uses: the masters, in their dtype
+                param.ds_tensor.copy_(local.view_as(param.ds_tensor))
         else:
             safe_set_local_optimizer_state(param, local, key)
-    elif getattr(param, "_hp_mapping", None) is not None:  # ZeRO-1/2
-        param.set_full_hp_param(value.to(param.device), key)
-    elif hasattr(param, "_hp_mapping"):
-        return  # ZeRO-1/2 with no element of this parameter on this DP rank
+    elif hasattr(param, "_hp_mapping"):  # ZeRO-1/2 (no mapping: no element of it on this DP rank)
+        if param._hp_mapping is not None:
+            param.set_full_hp_param(value.to(param.device), key)
+        if key is None:
+            with torch.no_grad():
+                param.copy_(value.reshape(param.shape))
     elif key is None:
         with torch.no_grad():
             param.copy_(value)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from gptscale import faults, modes
 from gptscale.atomic import write_text_atomic
+from gptscale.checkpoint.canonical import TRAINER_STATE, is_canonical
 from gptscale.checkpoint.layout import CheckpointMeta, Layout
 from gptscale.checkpoint.resume import (RunCheckpoints, agree, attempt, check_shared_folder, clear_run_folder,
                                         find_resume, refuse_used_run_folder)
@@ -160,8 +161,9 @@ class Trainer:
             check_shared_folder(self.run_dir)
         self.resume_from = self._agreed_resume(resume)
         layout = Layout(mode=mode.name, tp=grid.tp, pp=grid.pp, dp=grid.dp)
-        # A checkpoint of another layout: its weights come in as init_from, Adam's state after.
-        self.reshard = self.resume_from is not None and CheckpointMeta.read(self.resume_from).layout != layout
+        # A checkpoint of another layout, or a fresh run from a canonical folder with optimizer
+        # state: the weights come in as init_from, Adam's state and the position after.
+        self.continue_from = continued_run(self.resume_from, layout, cfg.train.init_from)
         if resume == "none":
             self._start_fresh(overwrite_run)
         self.task = task or Pretraining(cfg)
@@ -171,7 +173,7 @@ class Trainer:
         self.ds_config = assemble(cfg, grid.dp, on_gpu(), template)
         context = RuntimeContext(cfg=cfg, mode=mode, topo=self.topo, ds_config=self.ds_config, deepspeed=deepspeed,
                                  trains=self.task.trains,
-                                 init_from=str(self.resume_from) if self.reshard
+                                 init_from=str(self.continue_from) if self.continue_from
                                  else None if self.resume_from else cfg.train.init_from)
         runtime = runtime_class(mode.name)
         if self.is_writer:
@@ -219,18 +221,19 @@ class Trainer:
         batches = self.task.train_batches(self.topo.coords.dp, self.topo.layout.dp)
         held_out = self.task.validation_batches(self.topo.coords.dp, self.topo.layout.dp)
         step, resumed = 0, None
-        if self.resume_from is not None:
-            if self.reshard:
+        if self.resume_from is not None or self.continue_from is not None:
+            if self.continue_from is not None:
                 resumed = self.checkpoints.load_resharded(
-                    self.resume_from, lambda states, step: self.task.redeal(states, step, self.topo.coords.dp, self.topo.layout.dp),
-                    lambda reader, step, adam_step: runtime.load_resharded(reader, step, adam_step))
+                    self.continue_from,
+                    lambda states, step: self.task.redeal(states, step, self.topo.coords.dp, self.topo.layout.dp),
+                    runtime.load_resharded)
             else:
                 resumed = self.checkpoints.load(self.resume_from, runtime.load_native)
             step = resumed.step
             runtime.follow_schedule(step)
             batches.load_state_dict(resumed.data)
             if self.is_writer:
-                print(f"resumed from {self.resume_from} at step {step}", flush=True)
+                print(f"resumed from {self.continue_from or self.resume_from} at step {step}", flush=True)
                 if resumed.changes:
                     print(f"gptscale train: resuming with changed settings: {'; '.join(resumed.changes)}", flush=True)
         if self.is_writer:
@@ -351,6 +354,17 @@ def _with_absolute_data_path(cfg: RunConfig) -> RunConfig:
     if cfg.data.path is None:
         return cfg
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(Path(cfg.data.path).resolve())))
+
+
+def continued_run(resume_from: Path | None, layout: Layout, init_from: str | None) -> Path | None:
+    """What a run continues at another layout from: the checkpoint it resumes if that was saved
+    at another layout, or (a fresh run) train.init_from if that is a canonical folder holding
+    optimizer state. None: a plain resume or start."""
+    if resume_from is not None:
+        return resume_from if CheckpointMeta.read(resume_from).layout != layout else None
+    if init_from and (Path(init_from) / TRAINER_STATE).is_file() and is_canonical(Path(init_from)):
+        return Path(init_from)
+    return None
 
 
 def train(cfg: RunConfig, resume: str = "auto", task: Task | None = None, overwrite_run: bool = False) -> TrainResult:

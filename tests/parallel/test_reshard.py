@@ -1,6 +1,7 @@
 """Resume anywhere: a run saved at zero3 TP=2 x DP=2 continues at another mode and layout
 (weights, Adam's moments and step, schedule and data position carry over) with the losses
-the unconverted run has; so does one saved at pipe PP=2 x DP=2 continuing at zero3."""
+the unconverted run has; so do one saved at pipe PP=2 x DP=2 continuing at zero3 and a fresh
+run from the checkpoint consolidated with its optimizer state (bf16 weights, fp32 masters)."""
 import pytest
 
 from gptscale.testing.distributed import run_ranks
@@ -35,12 +36,21 @@ def test_a_zero3_run_continues_at_pipe_pipe_zero3_and_one_rank_with_the_same_los
             (config(tmp_path, "pipe_saved", SAVED, "parallel.pp=2", start), "none"),
             (config(tmp_path, "from_pipe", total, "parallel.tp=2"), str(pipe_ckpt))]
     saved, same, pipe, pipe_zero3, pipe_saved, from_pipe = run_ranks(train_in_turn, 4, four, timeout=500, env=ENV)[0]
+    # Consolidated with its optimizer state, the checkpoint is a canonical folder that a fresh
+    # run continues from through train.init_from.
+    from gptscale.checkpoint.canonical import write_canonical
+    from gptscale.checkpoint.read import CheckpointReader
+
+    reader = CheckpointReader(ckpt)
+    canon = write_canonical(reader, tmp_path / "canonical", "bf16", True, reader.trainer_state())
     one = [(config(tmp_path, "one", total, "train.micro_batch=4"), str(ckpt)),
+           (config(tmp_path, "one_canonical", total, "train.micro_batch=4", f"train.init_from={canon}"), "none"),
            (config(tmp_path, "weights_only", MORE, "train.micro_batch=4", f"train.init_from={ckpt}"), "none")]
-    single, weights_only = run_ranks(train_in_turn, 1, one, timeout=300, env=ENV)[0]
+    single, from_canonical, weights_only = run_ranks(train_in_turn, 1, one, timeout=300, env=ENV)[0]
     assert sorted(same["losses"]) == list(range(SAVED + 1, total + 1))
     assert max(abs(pipe_saved["losses"][s] - saved["losses"][s]) for s in saved["losses"]) < 1e-4
-    for name, run in (("pipe", pipe), ("pipe_zero3", pipe_zero3), ("tp1 dp1", single), ("from pipe", from_pipe)):
+    for name, run in (("pipe", pipe), ("pipe_zero3", pipe_zero3), ("tp1 dp1", single), ("from pipe", from_pipe),
+                      ("canonical bf16 + fp32 masters", from_canonical)):
         assert sorted(run["losses"]) == sorted(same["losses"]), (name, run["losses"])
         diffs = [abs(run["losses"][s] - same["losses"][s]) for s in same["losses"]]
         assert max(diffs) < 1e-4, (name, run["losses"], same["losses"])
