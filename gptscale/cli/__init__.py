@@ -51,21 +51,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gptscale: error: {err}", file=sys.stderr)
         _tell_torchrun(err)
         _tell_job_script(err)
+        _wait_for_failing_peers()
         return 2
-    finally:
-        _leave_process_group()
 
 
-def _leave_process_group() -> None:
-    """Tear down the process group a command started before the interpreter exits: left to
-    interpreter shutdown, its C++ threads were sometimes destroyed while still running
-    ("terminate called without an active exception", SIGABRT instead of the exit code)."""
-    if "torch.distributed" not in sys.modules:
+def _wait_for_failing_peers(seconds: float = 5.0) -> None:
+    """A configuration or data error usually stops every rank at the same point. Each rank
+    says so in the job's store and leaves once all have (or after `seconds`): the first rank
+    to exit makes torchrun stop the others, and a rank stopped before it wrote its error file
+    shows as `error_file: <N/A>` in torchrun's summary."""
+    if not _process_group_started():
         return
+    import time
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    world = dist.get_world_size()
+    if world == 1:
+        return
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"gptscale/failed/{dist.get_rank()}", "1")
+        keys = [f"gptscale/failed/{rank}" for rank in range(world)]
+        deadline = time.monotonic() + seconds
+        while not store.check(keys) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except (RuntimeError, ValueError):
+        pass  # the store is gone (rank 0 ended): nothing to wait for
 
 
 def _tell_job_script(err: BaseException) -> None:
@@ -99,13 +111,21 @@ def run() -> int:
         from torch.distributed.elastic.multiprocessing.errors import record
 
         code = record(main)()
-    if "torch.distributed" in sys.modules:
+    if _process_group_started():
         _exit_without_finalizing(code)
     return code
 
 
+def _process_group_started() -> bool:
+    if "torch.distributed" not in sys.modules:
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def _exit_without_finalizing(code: int) -> None:
-    """End the process once torch.distributed was used, skipping interpreter finalization:
+    """End the process once a process group was started, skipping interpreter finalization:
     gloo's worker threads may still hold tensors of asynchronous collectives (DeepSpeed does
     not wait for all of them), and a thread that releases one while the interpreter finalizes
     aborts the whole process ("terminate called without an active exception", SIGABRT after a
