@@ -33,6 +33,7 @@ demo: install
 		--config configs/tiny.yaml --set train.out_dir=$(RUN)
 	$(BIN)/gptscale generate --checkpoint $(RUN)/checkpoints/step00000300 --prompt "def " --max-new-tokens 60
 	$(BIN)/gptscale plot $(RUN)
+	$(BIN)/gptscale convert to-hf $(RUN)/checkpoints/step00000300 $(RUN)/hf --quiet
 
 # The whole suite. pytest's exit code 5 ("no tests collected") is a failure too.
 test: install
