@@ -49,8 +49,8 @@ class Source(Protocol):
 
     def tensor(self, name: str, kind: str = "fp32") -> torch.Tensor: ...
 
-    def tensor_slice(self, name: str, index: tuple | None) -> torch.Tensor:
-        """`tensor(name)[index]`, reading no more than that where the format allows."""
+    # Sources stored as safetensors also have tensor_slice(name, index): `index` of the weights
+    # alone, read without the rest (checkpoint.weights.tp_piece uses it where it exists).
 
 
 def is_canonical(folder: Path) -> bool:

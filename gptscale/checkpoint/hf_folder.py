@@ -136,14 +136,8 @@ class HFFolder:
     def tensor(self, name: str, kind: str = "fp32") -> torch.Tensor:
         if kind != "fp32":
             self.trainer_state()
-        reader = self
+        return tensor_from_hf(name, self, self.cfg.model).float()
 
-        class _Stored(dict):
-            def __missing__(self, hf: str) -> torch.Tensor:
-                return reader.weights.tensor(hf if hf == "lm_head.weight" else hf.removeprefix(reader._prefix))
-
-        return tensor_from_hf(name, _Stored(), self.cfg.model).float()
-
-    def tensor_slice(self, name: str, index: tuple | None) -> torch.Tensor:
-        tensor = self.tensor(name)
-        return tensor if index is None else tensor[index]
+    def __getitem__(self, hf_name: str) -> torch.Tensor:
+        """One stored Hugging Face tensor by its full name (what tensor_from_hf asks for)."""
+        return self.weights.tensor(hf_name if hf_name == "lm_head.weight" else hf_name.removeprefix(self._prefix))

@@ -6,12 +6,13 @@ its largest tensor, not of the model (DeepSpeed's zero_to_fp32 materialises the 
 state dict). Where each canonical tensor lives, by the mode's CheckpointFiles kind:
 
     ONE_ZERO_ENGINE        per TP rank, every DP rank's zero_pp_rank_D_mp_rank_TT_optim_states.pt
-                           holds 1/dp of each parameter ("fp32_flat_groups", one flat tensor per
-                           optimizer group); the parameters' names and shapes are in its model
-                           states file. Adam's moments are partitioned the same way.
+                           holds its partition of the fp32 weights and Adam's moments (ZeRO-3: of
+                           each parameter; ZeRO-1/2: of each group's flat buffer, see
+                           ZeroEngineFiles); the parameters' names and shapes are in the model
+                           states file.
     ZERO_ENGINE_PER_STAGE  the same, per pipeline stage folder, names `layers.<i>.<name>`.
-    PIPELINE_LAYERS        whole fp32 weights per stage layer and TP rank (optimizer state:
-                           DeepSpeed's ZeRO-1 flat buffers, not read here).
+    PIPELINE_LAYERS        whole weights per stage layer and TP rank; Adam's state in ZeRO-1
+                           files per stage x TP rank, under the PipelineModule's names.
 
 The TP shards of one tensor are then merged with the split table (convert/tp.py).
 """
@@ -35,11 +36,6 @@ from gptscale.errors import CheckpointError
 from gptscale.model.stages import StageLayer, StageModule, layers_with_parameters, stage_bounds, stage_layers
 from gptscale.modes import CheckpointFiles
 from gptscale.parallel.topology import TPGroup
-
-# What a checkpoint holds per parameter: "fp32" the weights (as fp32), "master" the optimizer's
-# fp32 master weights (the same values unless training was bf16), Adam's two moments.
-KINDS = ("fp32", "master", "exp_avg", "exp_avg_sq")
-
 
 def release_pages(tensor: torch.Tensor) -> None:
     """Tell the kernel that the mapped file pages under `tensor` are not needed any more.
@@ -223,7 +219,7 @@ class CheckpointReader:
         tp = self.layout.tp
         self.shapes, self.table = canonical_layout(self.cfg.model)
         with torch.device("meta"):
-            layers = stage_layers(self.cfg.model, TPGroup.shape_only(tp))
+            self._layers = layers = stage_layers(self.cfg.model, TPGroup.shape_only(tp))
         self.tokenizer_dir = self.path / TOKENIZER if (self.path / TOKENIZER).is_dir() else None
         self._pipe_optimizer: dict[str, list[tuple[object, str]]] | None = None
         # canonical name -> per TP rank, (files, the name inside them)
@@ -249,8 +245,6 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: its files do not hold the weights of the model in {CONFIG} "
                                   f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. "
                                   f"{unexpected[:2]}); the config and the files come from different runs")
-
-        self._layers = layers
 
     def _index_pipeline_layers(self, layers: list[StageLayer], tp: int) -> None:
         for index in layers_with_parameters(layers):
@@ -302,7 +296,9 @@ class CheckpointReader:
         return list(self.shapes)
 
     def tensor(self, name: str, kind: str = "fp32") -> torch.Tensor:
-        """The canonical (TP-merged, unpadded) fp32 `name`: one of KINDS."""
+        """The canonical (TP-merged, unpadded) fp32 `name`, of `kind`: "fp32" the weights,
+        "master" the optimizer's master weights (the same values unless training was bf16),
+        "exp_avg" or "exp_avg_sq" Adam's moments."""
         sources = self._sources if kind == "fp32" else self._optimizer_sources()
         pieces = [files.tensor(local, kind) for files, local in sources[name]]
         merged = merge_tensor(pieces, self.table[name], self.cfg.model.vocab_size)
@@ -310,10 +306,6 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: {name} has shape {tuple(merged.shape)} in the files, the model in "
                                   f"{CONFIG} has {tuple(self.shapes[name])}; the config does not match the weights")
         return merged
-
-    def tensor_slice(self, name: str, index: tuple | None) -> torch.Tensor:
-        tensor = self.tensor(name)
-        return tensor if index is None else tensor[index]
 
     def items(self, kind: str = "fp32") -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names:
@@ -324,9 +316,6 @@ class _PipelineLayerFile:
     """One stage layer's weights of one TP rank, as DeepSpeed's PipelineEngine saved them."""
 
     def __init__(self, path: Path):
-        if not path.is_file():
-            raise CheckpointError(f"pipeline checkpoint {path.parent} lacks {path.name}; it is incomplete or was "
-                                  f"written by another model")
         self.path = path
         self.state = _mapped(path)
 
@@ -334,6 +323,7 @@ class _PipelineLayerFile:
         return list(self.state)
 
     def tensor(self, name: str, kind: str = "fp32") -> torch.Tensor:
+        """The weights (Adam's state of a pipe checkpoint is in its ZeRO files, not here)."""
         stored = self.state[name]
         out = stored.float().clone()
         release_pages(stored)

@@ -35,9 +35,9 @@ def tp_piece(source, name: str, split: Split, rank: int, tp: int, padded_vocab: 
     shape = source.shapes[name]
 
     def read(index):
-        if kind == "weights":
+        if kind == "weights" and hasattr(source, "tensor_slice"):
             return source.tensor_slice(name, index)
-        whole = source.tensor(name, kind)
+        whole = source.tensor(name, "fp32" if kind == "weights" else kind)
         return whole if index is None else whole[index]
 
     if split.dim is None:

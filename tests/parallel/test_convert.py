@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from gptscale.testing.distributed import run_ranks
+from tests.e2e.test_checkpoint_doors import one_line_error
 from tests.parallel.training import ENV, SMALL_LLAMA, train_in_turn, train_layouts
 
 pytestmark = pytest.mark.dist
@@ -38,14 +39,6 @@ def gptscale(*args, timeout=300):
 def ok(done):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
-
-
-def one_line_error(done, *needles):
-    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
-    errors = [line for line in done.stderr.splitlines() if line.startswith("gptscale: error:")]
-    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 @pytest.fixture(scope="module")
