@@ -294,12 +294,83 @@ class TrainConfig:
             raise ConfigError(f"train.sample_top_k={self.sample_top_k} must be >= 1")
 
 
+FINETUNE_METHODS = ("full", "lora")
+# Short names of the linears LoRA may adapt; `mlp` is every MLP linear of the family.
+LORA_TARGETS = ("qkv", "proj", "up", "gate", "down", "mlp", "head")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters on the tensor-parallel linears: y = W x + (alpha / rank) B A x.
+
+    targets: comma-separated short names: qkv (fused attention input), proj (attention
+    output), up, gate (llama), down, mlp (= up, gate, down), head (an untied output head).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "qkv,proj,mlp"
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "finetune.lora", ("rank",))
+        _require_finite(self, "finetune.lora", "alpha", above=0.0)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"finetune.lora.dropout={self.dropout} must be in [0, 1)")
+        names = self.target_names
+        unknown = [n for n in names if n not in LORA_TARGETS]
+        if unknown or not names:
+            raise ConfigError(f"finetune.lora.targets={self.targets!r}: {unknown[0] if unknown else 'no target'} is "
+                              f"not a target; use a comma-separated list of {', '.join(LORA_TARGETS)}")
+
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(n.strip() for n in self.targets.split(",") if n.strip()))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """`gptscale finetune`: supervised fine-tuning on a folder from `gptscale data prepare-sft`,
+    starting from train.init_from. method: full (every weight trains) or lora (adapters only;
+    the base is frozen and has no optimizer state).
+
+    eval_answers: held-out examples whose greedy answer is compared with the reference at the
+    end of the run (exact match); 0 = none. answer_tokens: the longest answer generated.
+    """
+
+    method: str = "full"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    eval_answers: int = 64
+    answer_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        if self.method not in FINETUNE_METHODS:
+            raise ConfigError(f"finetune.method={self.method!r} is unknown; choose one of {', '.join(FINETUNE_METHODS)}")
+        if self.eval_answers < 0:
+            raise ConfigError(f"finetune.eval_answers={self.eval_answers} must be >= 0")
+        _require_positive(self, "finetune", ("answer_tokens",))
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method == "lora"
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(synthetic=True))
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    @property
+    def lora(self) -> LoRAConfig | None:
+        """The adapters a run's model carries (None: none)."""
+        return self.finetune.lora if self.finetune.uses_lora else None
 
     def __post_init__(self) -> None:
         self.model.check_tensor_parallel(self.parallel.tp)

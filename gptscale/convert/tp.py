@@ -7,27 +7,32 @@ from __future__ import annotations
 
 import torch
 
-from gptscale.config import ModelConfig
+from gptscale.config import LoRAConfig, ModelConfig
 from gptscale.model.gpt import GPT
 from gptscale.parallel.layers import Split, split_table
+from gptscale.parallel.lora import add_lora
 from gptscale.parallel.topology import TPGroup
 
 StateDict = dict[str, torch.Tensor]
 
 
-def canonical_layout(cfg: ModelConfig) -> tuple[dict[str, torch.Size], dict[str, Split]]:
+def canonical_layout(cfg: ModelConfig, lora: LoRAConfig | None = None
+                     ) -> tuple[dict[str, torch.Size], dict[str, Split]]:
     """Every canonical tensor's shape (vocabulary unpadded) and TP split, in the dense model's
-    order, read off the model itself built on the meta device (nothing allocated)."""
+    order, read off the model itself built on the meta device (nothing allocated); with
+    `lora`, the adapters' too."""
     with torch.device("meta"):
         model = GPT(cfg, TPGroup.single())
+        if lora is not None:
+            add_lora(model, lora, seed=0)
     table = split_table(model)
     shapes = {name: torch.Size((cfg.vocab_size, *p.shape[1:])) if table[name] is Split.VOCAB else p.shape
               for name, p in model.named_parameters()}
     return shapes, table
 
 
-def canonical_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
-    return canonical_layout(cfg)[0]
+def canonical_shapes(cfg: ModelConfig, lora: LoRAConfig | None = None) -> dict[str, torch.Size]:
+    return canonical_layout(cfg, lora)[0]
 
 
 def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptscale.config import ParallelConfig
+from gptscale.config import LoRAConfig, ParallelConfig
 from gptscale.parallel.layers import IGNORE_INDEX
 from gptscale.parallel.layers import ColumnParallelLinear, RowParallelLinear, vocab_parallel_cross_entropy
 from gptscale.parallel.topology import RankLayout, Topology
@@ -89,6 +89,9 @@ def body():
             # vocab 1003 pads differently per tp; 8 query / 4 kv heads keep GQA (2 q per kv) at tp=4.
             cfg = small(family, vocab_size=1003, n_head=8, n_kv_head=4 if family == "llama" else None)
             results[(family, tp)] = tp_parity(cfg, topo.tp_group)
+            # LoRA on every linear it may adapt (llama's untied head too), dropout off.
+            targets = "qkv,proj,mlp,head" if family == "llama" else "qkv,proj,mlp"
+            results[("lora", family, tp)] = tp_parity(cfg, topo.tp_group, lora=LoRAConfig(rank=4, targets=targets))
     return results
 
 
@@ -105,6 +108,19 @@ def test_tp_model_equals_dense(ranks, family, tp):
         assert r["missing"] == [], (rank, r)
         assert r["logits"] <= 1e-5 and r["loss"] <= 1e-5 and r["grads"] <= 1e-5, (rank, r)
         assert parity_ok(r), (rank, r)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_lora_tp_equals_dense_from_the_same_seed(ranks, family, tp):
+    """The adapters' initial A at TP=tp is exactly the TP=1 one's slice; with B non-zero, the
+    TP model's logits, loss and every gradient (adapters' included) match the dense model's."""
+    for rank, res in enumerate(ranks):
+        r = res[("lora", family, tp)]
+        assert r["lora_init"] == 0.0, (rank, r)
+        assert r["missing"] == [], (rank, r)
+        assert r["logits"] <= 1e-5 and r["loss"] <= 1e-5 and r["grads"] <= 1e-5, (rank, r)
+        assert r["greedy_same"] and r["sampled_agree"], (rank, r)
 
 
 @pytest.mark.parametrize("tp", [2, 4])
