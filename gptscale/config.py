@@ -319,9 +319,11 @@ class LoRAConfig:
             raise ConfigError(f"finetune.lora.dropout={self.dropout} must be in [0, 1)")
         names = self.target_names
         unknown = [n for n in names if n not in LORA_TARGETS]
-        if unknown or not names:
-            raise ConfigError(f"finetune.lora.targets={self.targets!r}: {unknown[0] if unknown else 'no target'} is "
-                              f"not a target; use a comma-separated list of {', '.join(LORA_TARGETS)}")
+        choices = f"use a comma-separated list of {', '.join(LORA_TARGETS)}"
+        if not names:
+            raise ConfigError(f"finetune.lora.targets={self.targets!r} names no target; {choices}")
+        if unknown:
+            raise ConfigError(f"finetune.lora.targets={self.targets!r}: {unknown[0]!r} is not a target; {choices}")
 
     @property
     def target_names(self) -> tuple[str, ...]:

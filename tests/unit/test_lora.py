@@ -87,7 +87,7 @@ def test_a_target_that_matches_nothing_is_an_error():
     ("finetune.lora.rank=0", "finetune.lora.rank=0 must be >= 1"),
     ("finetune.lora.rank=-2", "finetune.lora.rank=-2 must be >= 1"),
     ("finetune.lora.targets=qkv,attn", "'attn' is not a target"),
-    ("finetune.lora.targets=,", "no target is not a target"),
+    ("finetune.lora.targets=' , '", "names no target"),
     ("finetune.lora.dropout=1.0", "finetune.lora.dropout=1.0 must be in"),
     ("finetune.method=qlora", "finetune.method='qlora' is unknown"),
 ])
