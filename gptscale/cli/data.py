@@ -1,4 +1,4 @@
-"""`gptscale data train-tokenizer / prepare / inspect`: pretraining data, before any training."""
+"""`gptscale data train-tokenizer / prepare / prepare-sft / inspect`: data, before any training."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +31,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if manifest["skipped"]:
         print(f"skipped (--on-bad skip): {manifest['skipped']}")
     print(f"manifest: {args.out}/manifest.json")
+    return 0
+
+
+def cmd_prepare_sft(args: argparse.Namespace) -> int:
+    from gptscale.data.prepare import parse_size
+    from gptscale.data.sft import prepare_sft, summary
+
+    manifest = prepare_sft(args.input, args.tokenizer, args.out, seq_len=args.seq_len, val_inputs=args.val_input,
+                           val_fraction=args.val_fraction, template=args.template,
+                           shard_bytes=parse_size(args.shard_size), overwrite=args.overwrite, seed=args.seed,
+                           progress=not args.quiet)
+    print(summary(manifest, args.out))
     return 0
 
 
@@ -83,8 +95,67 @@ def add_parsers(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
 
+    _add_prepare_sft(dsub)
+
     p = dsub.add_parser("inspect", help="counts and a decoded sample of a prepared folder")
     p.add_argument("folder", help="folder written by 'gptscale data prepare'")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the copy inside FOLDER); must match the manifest")
     p.add_argument("--tokens", type=positive_int, default=200, help="how many tokens of the sample to decode")
     p.set_defaults(func=cmd_inspect)
+
+
+SFT_DESCRIPTION = """\
+Tokenize chat records (JSON lines) for supervised fine-tuning into train/val webdataset tar
+shards: per example KEY.npy (token ids), KEY.mask.npy (uint8 loss mask: 1 on what the model
+learns) and KEY.json (prompt_tokens, answer, source, line), and a manifest with kind "sft".
+Deterministic: the same input gives byte-identical shards. The tokenizer is copied into
+OUT/tokenizer. OUT is written in full or not at all.
+
+records, one per line:
+  {"prompt": "...", "response": "..."}
+  {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}  (last: assistant)
+a prompt/response record is the messages record [user: prompt, assistant: response].
+
+default template ([BOS] and [EOS] are the tokenizer's special tokens, not text):
+  [BOS]                          if the tokenizer has one          not learned
+  System: CONTENT\\n              each system message               not learned
+  User: CONTENT\\n                each user message                 not learned
+  Assistant:<space>              each assistant message            not learned
+  CONTENT[EOS]                   its content and end of turn       learned
+  e.g. <|bos|>User: 2+2?\\nAssistant: 4<|eos|>User: 3+3?\\nAssistant: 6<|eos|>
+--template auto uses the tokenizer's chat_template (tokenizer_config.json) when it has one:
+rendered in a jinja sandbox; for each assistant message the text between the conversation
+before it (add_generation_prompt=True) and the conversation through it is learned.
+
+A record that cannot work (invalid JSON, no response, last message not the assistant's, a
+prompt of --seq-len tokens or more) stops with one line naming the file and line; longer
+examples are cut to --seq-len + 1 tokens and counted.
+"""
+
+
+def _add_prepare_sft(dsub) -> None:
+    from gptscale.cli.options import non_negative_int
+
+    p = dsub.add_parser("prepare-sft", help="tokenize chat records into fine-tuning shards with loss masks",
+                        description=SFT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", action="extend", nargs="+", required=True, metavar="JSONL",
+                   help="JSON lines files of records (.gz / .zst too); repeat or list several")
+    p.add_argument("--tokenizer", required=True, help="folder with tokenizer.json (ours or a Hugging Face one)")
+    p.add_argument("--out", required=True, help="output folder (refused if it exists and is not empty, unless "
+                                                "--overwrite)")
+    p.add_argument("--seq-len", type=positive_int, required=True,
+                   help="training sequence length (data.seq_len): examples keep at most --seq-len + 1 tokens")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument("--val-input", action="extend", nargs="+", default=[], metavar="JSONL",
+                     help="JSON lines files held out for validation")
+    val.add_argument("--val-fraction", type=float, default=None,
+                     help="fraction of --input records held out for validation, chosen by a hash of --seed and "
+                          "the record (default: none)")
+    p.add_argument("--template", default="auto", choices=("auto", "default", "tokenizer"),
+                   help="auto: the tokenizer's chat_template if it has one, else the default (above); default; "
+                        "tokenizer: require the chat_template")
+    p.add_argument("--shard-size", default="64MB", help="approximate size of one shard (default 64MB)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the --val-fraction choice (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared folder at --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare_sft)

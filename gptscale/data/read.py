@@ -1,12 +1,13 @@
 """Reading one token shard, trusting nothing in it.
 
 Members must be named after a document index (digits; `../x` or `/abs` names are an error);
-only `.npy` (with allow_pickle=False) and `.json` members are read and decoded (any other
-member, .pyd, .pickle, ..., is skipped unread); member sizes are checked against a cap
-before they are read; local shards are opened as plain files (`pipe:` and URLs only when a
-caller names them explicitly, never from a manifest); a shard of a prepared folder is
-checked against the manifest's sha256 and document count as it is read; a shard cut short,
-even at a member boundary, is an error.
+only `.npy` (with allow_pickle=False), `.json` and SFT's `.mask.npy` members are read (any
+other member, .pyd, .pickle, ..., is skipped unread; `read_shard_records` hands callers the
+raw `.json` / `.mask.npy` bytes, to decode with json / `unsigned_array`); member sizes are
+checked against a cap before they are read; local shards are opened as plain files (`pipe:`
+and URLs only when a caller names them explicitly, never from a manifest); a shard of a
+prepared folder is checked against the manifest's sha256 and document count as it is read;
+a shard cut short, even at a member boundary, is an error.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from gptscale.data.shards import ShardInfo
 from gptscale.errors import DataError
 
 MEMBER_KEY = re.compile(r"\d{1,12}")  # a document's index: digits only, never a path
-MAX_MEMBER_BYTES = {"npy": 256 << 20, "json": 1 << 20}  # a 128M-token document; its metadata
+# a 128M-token document; its metadata; an SFT example's loss mask (one byte per token)
+MAX_MEMBER_BYTES = {"npy": 256 << 20, "json": 1 << 20, "mask.npy": 128 << 20}
 
 
 class _TailRecorder:
@@ -68,12 +70,20 @@ def _open(url: str):
 def read_shard(url: str, vocab_size: int, expected: ShardInfo | None = None) -> list[np.ndarray]:
     """All documents of a shard as arrays of their stored unsigned dtype, in file order; clear
     errors for bad shards, and for one that differs from what its manifest says (`expected`)."""
-    docs: list[np.ndarray] = []
+    return [tokens for _, tokens, _ in read_shard_records(url, vocab_size, expected)]
+
+
+def read_shard_records(url: str, vocab_size: int,
+                       expected: ShardInfo | None = None) -> list[tuple[str, np.ndarray, dict[str, bytes]]]:
+    """`read_shard`, keeping per document its key and the raw bytes of its other read members
+    ({"json": ..., "mask.npy": ...} where present; the .json is already checked to parse)."""
+    docs: list[tuple[str, np.ndarray, dict[str, bytes]]] = []
     try:
         stream = _TailRecorder(_open(url))
         try:
             for key, members in _documents(tarfile.open(fileobj=stream, mode="r|"), url):
-                docs.append(_decode_tokens(members, key, url, vocab_size))
+                tokens = _decode_tokens(members, key, url, vocab_size)
+                docs.append((key, tokens, {k: v for k, v in members.items() if k != "npy"}))
             stream.drain()
         finally:
             stream.close()
@@ -129,6 +139,11 @@ def _decode_tokens(members: dict, key: str, url: str, vocab_size: int) -> np.nda
         except (ValueError, RecursionError) as exc:
             raise DataError(f"shard {url}: member {key}.json is not valid JSON ({type(exc).__name__})") from None
     return tokens
+
+
+def unsigned_array(payload: bytes, where: str) -> np.ndarray:
+    """A `.npy` member (e.g. an SFT loss mask) as a non-empty 1-D unsigned array, checked as token arrays are."""
+    return _token_array(payload, where)
 
 
 def _token_array(payload: bytes, where: str) -> np.ndarray:

@@ -3,9 +3,12 @@
 A shard is a plain tar that `webdataset.WebDataset(url)` reads: per document a key
 `DDDDDDDDDD` (its index in the split) with members `KEY.npy` (token ids, uint16 when the
 vocabulary fits, else uint32; no end-of-text token: the loader adds it) and `KEY.json`
-(source, name, token count). Tar headers carry no time, owner or host, so the same input
-gives byte-identical shards. Every file is written under a temporary name and renamed
-when complete; the manifest is written last, so a folder with a manifest is complete.
+(source, name, token count). Fine-tuning shards ('gptscale data prepare-sft', see
+gptscale/data/sft.py) add a `KEY.mask.npy` per example and mark the manifest with
+`"kind": "sft"` and `"seq_len"`; a manifest without a kind describes pretraining documents.
+Tar headers carry no time, owner or host, so the same input gives byte-identical shards.
+Every file is written under a temporary name and renamed when complete; the manifest is
+written last, so a folder with a manifest is complete.
 
 A manifest may come from elsewhere: `read_manifest` checks its whole structure, shard and
 tokenizer names must be plain file names inside the folder (no `pipe:`, `/` or `..`), and
@@ -30,6 +33,7 @@ MANIFEST = "manifest.json"
 FORMAT = "gptscale-shards/1"
 SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.tar")
 FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+KINDS = ("sft",)  # a manifest's optional "kind"; without one a folder holds pretraining documents
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -72,19 +76,24 @@ class ShardWriter:
         self._file = self._tar = self._ctx = None
         self._open_docs = self._open_tokens = 0
 
-    def add(self, tokens: np.ndarray, meta: dict) -> None:
+    def add(self, tokens: np.ndarray, meta: dict, extra: dict[str, bytes] | None = None) -> None:
+        """One document: `KEY.npy`, then each `KEY.{suffix}` of `extra` (e.g. SFT's `mask.npy`), then `KEY.json`."""
         if tokens.size and int(tokens.max()) > np.iinfo(self.dtype).max:
             raise DataError(f"token id {int(tokens.max())} of {meta.get('name', 'a document')} does not fit the "
                             f"shards' {self.dtype.name}; the tokenizer has ids beyond its vocabulary size")
         payload = npy_bytes(tokens.astype(self.dtype, copy=False))
         info = json.dumps({**meta, "tokens": int(tokens.size)}, sort_keys=True).encode()
-        size = len(payload) + len(info) + 3 * 512  # two headers + padding, roughly
+        extra = extra or {}
+        # a header and padding per member, and the end-of-archive blocks, roughly
+        size = len(payload) + len(info) + sum(map(len, extra.values())) + (3 + 2 * len(extra)) * 512
         if self._tar is not None and self._file.tell() + size > self.max_bytes:
             self._close_shard()
         if self._tar is None:
             self._open_shard()
         key = f"{self.documents:010d}"
         _tar_member(self._tar, f"{key}.npy", payload)
+        for suffix, data in extra.items():
+            _tar_member(self._tar, f"{key}.{suffix}", data)
         _tar_member(self._tar, f"{key}.json", info)
         self.documents += 1
         self._open_docs += 1
@@ -171,6 +180,11 @@ def _check_manifest(manifest: dict, path: Path) -> None:
     if not FOLDER_NAME.fullmatch(need(tokenizer, "folder", str, "tokenizer.")):
         raise bad(f"tokenizer.folder {tokenizer['folder']!r} is not a plain folder name")
     need(manifest, "dtype", str, "")
+    if "kind" in manifest:  # absent: pretraining shards ('gptscale data prepare'); "sft": 'prepare-sft'
+        if manifest["kind"] not in KINDS:
+            raise bad(f"kind {manifest['kind']!r} is not one of {list(KINDS)}")
+        if need(manifest, "seq_len", int, "") < 1:
+            raise bad("seq_len must be at least 1")
     for split, info in need(manifest, "splits", dict, "").items():
         for key in ("documents", "tokens"):
             need(info, key, int, f"splits.{split}.")
