@@ -1,0 +1,223 @@
+"""Canonical gptscale LoRA adapters -> a PEFT (Hugging Face `peft`) LoRA adapter folder, exactly.
+
+The adapter folder (`adapter_model.safetensors` + `adapter_config.json`) loads with
+`peft.PeftModel.from_pretrained` onto the base model that `convert.hf.to_hf` exports, and the
+pair computes what gptscale's adapted model computes. Like `convert.hf`, the map is pure tensor
+plumbing (slices, concatenations: no arithmetic), so nothing is rounded on the way.
+
+Conventions:
+- The adapter of the base linear at canonical path M (weight (out, in)) is `M.lora_A.weight`
+  (r, in) and `M.lora_B.weight` (out, r); the adapted layer computes W x + b + (alpha/r) B (A x).
+  B's rows are in the order of M.weight's rows: grouped per key/value head for `attn.qkv`,
+  `vocab_size` rows (unpadded) for `head`.
+- Targets are short names: qkv, proj, up, gate (llama only), down, head (an untied head only),
+  and mlp = every MLP linear of the family.
+- PEFT file keys are `base_model.model.<HF module>.lora_A.weight` / `.lora_B.weight`, without
+  the adapter name (PEFT inserts it when loading).
+- PEFT's LoRA on GPT-2's Conv1D is nn.Linear(in, r) then nn.Linear(r, out), as on nn.Linear:
+  the base Conv1D weight is stored transposed, the adapters are not (fan_in_fan_out only
+  transposes B @ A when PEFT merges).
+- The fused QKV adapter: A x is shared by q, k and v, so Llama's q_proj / k_proj / v_proj each
+  get the whole A and their rows of B; GPT-2's c_attn gets A and B's rows reordered to
+  [q; k; v], exactly as the base weight's rows are (`convert.hf._split_qkv`).
+- Returned tensors own their (contiguous) memory: a dict goes straight to
+  `safetensors.torch.save_file`.
+
+Torch only: never imports transformers, peft or deepspeed.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from gptscale.config import ModelConfig
+from gptscale.convert.hf import _split_qkv, _targets
+from gptscale.convert.tp import canonical_shapes
+from gptscale.errors import CheckpointError, ConfigError
+
+StateDict = dict[str, torch.Tensor]
+
+# Short target name -> canonical module (inside blocks.{i}., except the head).
+_MODULES = {"qkv": "attn.qkv", "proj": "attn.proj", "up": "mlp.up", "gate": "mlp.gate", "down": "mlp.down",
+            "head": "head"}
+_GROUPS = {"mlp": ("up", "gate", "down")}  # expands to those the family has
+_A, _B = "lora_A.weight", "lora_B.weight"
+_PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM -> LoraModel -> the HF model
+
+
+# -- targets ------------------------------------------------------------------------------
+def _available(cfg: ModelConfig) -> list[str]:
+    """The short names that name a linear of this model, read off the model itself."""
+    shapes = canonical_shapes(cfg)
+    return [t for t, m in _MODULES.items() if (f"{m}.weight" if t == "head" else f"blocks.0.{m}.weight") in shapes]
+
+
+def _target_names(cfg: ModelConfig, targets: Sequence[str] | str) -> list[str]:
+    """Targets -> short names, `mlp` expanded, in model order; ConfigError for one that
+    names nothing in this model."""
+    if isinstance(targets, str):  # "qkv,proj,mlp", as in finetune.lora.targets
+        targets = targets.split(",")
+    names = [t.strip() for t in targets if t.strip()]
+    available = _available(cfg)
+    choices = ", ".join([*available, *_GROUPS])
+    if not names:
+        raise ConfigError(f"no lora targets given; choose among {choices}")
+    chosen: set[str] = set()
+    for name in names:
+        if name in _GROUPS:
+            chosen.update(t for t in _GROUPS[name] if t in available)
+        elif name == "head" and cfg.tie_embeddings:
+            raise ConfigError(f"lora target 'head' matches nothing in a {cfg.family} model with tied embeddings "
+                              f"(the token embedding is the output projection); drop 'head' from the targets, "
+                              f"or use a model with model.tie_embeddings=false")
+        elif name in available:
+            chosen.add(name)
+        else:
+            what = "is unknown" if name not in _MODULES else f"matches nothing in a {cfg.family} model"
+            raise ConfigError(f"lora target {name!r} {what}; choose among {choices}")
+    return [t for t in available if t in chosen]
+
+
+def _base_modules(cfg: ModelConfig, targets: Sequence[str] | str) -> dict[str, torch.Size]:
+    """Canonical path of every adapted linear -> its base weight's shape (out, in), model order."""
+    wanted = {_MODULES[t] for t in _target_names(cfg, targets)}
+    out = {}
+    for name, shape in canonical_shapes(cfg).items():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and re.sub(r"^blocks\.\d+\.", "", module) in wanted:
+            out[module] = shape
+    return out
+
+
+def _hf_modules(module: str, cfg: ModelConfig) -> tuple[str, ...]:
+    """Canonical module path -> the HF module path(s) holding its weight (llama qkv: q, k, v)."""
+    # _targets names the weights (and, for bias-free gpt2, a zero bias riding along).
+    return tuple(t.removesuffix(".weight") for t in _targets(f"{module}.weight", cfg) if t.endswith(".weight"))
+
+
+def peft_target_modules(cfg: ModelConfig, targets: Sequence[str] | str) -> list[str]:
+    """PEFT `target_modules` for the targets: module-name suffixes qualified enough that GPT-2's
+    two c_proj (attn, mlp) stay apart. PEFT adapts a module whose name equals an entry or ends
+    with "." + entry."""
+    suffixes: dict[str, None] = {}
+    for module in _base_modules(cfg, targets):
+        for path in _hf_modules(module, cfg):
+            # Drop the layer prefix: transformer.h.0.attn.c_attn -> attn.c_attn; lm_head stays.
+            suffixes[re.sub(r"^.*?\.\d+\.", "", path)] = None
+    return list(suffixes)
+
+
+def adapter_shapes(cfg: ModelConfig, r: int, targets: Sequence[str] | str) -> dict[str, torch.Size]:
+    """Canonical adapter name -> shape, for every adapted linear of every block, model order."""
+    _check_rank(r)
+    shapes = {}
+    for module, (out_features, in_features) in _base_modules(cfg, targets).items():
+        shapes[f"{module}.{_A}"] = torch.Size((r, in_features))
+        shapes[f"{module}.{_B}"] = torch.Size((out_features, r))
+    return shapes
+
+
+def _check_rank(r: int) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ConfigError(f"lora rank r={r!r} must be a positive integer")
+
+
+# -- export -------------------------------------------------------------------------------
+def adapter_to_peft(adapters: Mapping[str, torch.Tensor], cfg: ModelConfig, *, r: int, alpha: float,
+                    dropout: float, targets: Sequence[str] | str,
+                    base_model: str | None) -> tuple[StateDict, dict[str, Any]]:
+    """Canonical adapters -> (adapter_model.safetensors tensors, adapter_config.json dict).
+    `base_model`: the base's name or path for the config (None: the user passes the model)."""
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ConfigError(f"lora alpha={alpha!r} must be a positive number")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"lora dropout={dropout!r} must be in [0, 1)")
+    expected = adapter_shapes(cfg, r, targets)
+    _check_adapters(adapters, expected, cfg, r)
+
+    tensors: StateDict = {}
+    for module in dict.fromkeys(name.rsplit(".", 2)[0] for name in expected):
+        a, b = adapters[f"{module}.{_A}"], adapters[f"{module}.{_B}"]
+        paths = _hf_modules(module, cfg)
+        bs = [b]
+        if module.endswith("attn.qkv"):
+            q, k, v = _split_qkv(b, cfg)  # B's rows are output rows: split like the base weight
+            bs = [q, k, v] if cfg.family == "llama" else [torch.cat([q, k, v])]
+        for path, b_part in zip(paths, bs, strict=True):
+            # Every part gets the whole A: the q, k and v rows all read the same A x.
+            tensors[f"{_PEFT_PREFIX}{path}.{_A}"] = a.clone(memory_format=torch.contiguous_format)
+            tensors[f"{_PEFT_PREFIX}{path}.{_B}"] = b_part.clone(memory_format=torch.contiguous_format)
+    return tensors, _peft_config(cfg, r, alpha, dropout, targets, base_model)
+
+
+def _peft_config(cfg: ModelConfig, r: int, alpha: float, dropout: float, targets: Sequence[str] | str,
+                 base_model: str | None) -> dict[str, Any]:
+    """adapter_config.json: what LoraConfig needs, plus every field that changes the computation
+    pinned to plain LoRA (scaling alpha/r, no DoRA, no adapter bias); only fields that older
+    PEFT versions also know, since those refuse unknown ones."""
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "revision": None,
+        "inference_mode": True, "r": r, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": dropout, "target_modules": peft_target_modules(cfg, targets), "bias": "none",
+        # GPT-2's linears are Conv1D ([in, out] weights). PEFT sets it per module anyway (warning
+        # when it disagrees, e.g. for GPT-2's nn.Linear lm_head), and only uses it to merge.
+        "fan_in_fan_out": cfg.family == "gpt2",
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+
+
+def _check_adapters(adapters: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size],
+                    cfg: ModelConfig, r: int) -> None:
+    """One line naming the first tensor that is missing, unexpected or of the wrong shape."""
+    model = f"a {cfg.family} model (n_layer={cfg.n_layer}, n_embd={cfg.n_embd}) with lora rank {r}"
+    missing = [n for n in expected if n not in adapters]
+    if missing:
+        raise CheckpointError(f"adapter tensor {missing[0]} is missing ({len(missing)} missing in all); {model} "
+                              f"expects it with shape {tuple(expected[missing[0]])}")
+    extra = [n for n in adapters if n not in expected]
+    if extra:
+        found = getattr(adapters[extra[0]], "shape", None)
+        raise CheckpointError(f"adapter tensor {extra[0]} (shape {tuple(found) if found is not None else '?'}) "
+                              f"is not expected ({len(extra)} unexpected in all); {model} and these targets "
+                              f"expect no such tensor")
+    for name, shape in expected.items():
+        if adapters[name].shape != shape:
+            raise CheckpointError(f"adapter tensor {name} has shape {tuple(adapters[name].shape)}, "
+                                  f"{model} expects {tuple(shape)}")
+
+
+# -- merge --------------------------------------------------------------------------------
+def merge_adapter(base: Mapping[str, torch.Tensor], adapters: Mapping[str, torch.Tensor], *, r: int,
+                  alpha: float) -> StateDict:
+    """Canonical base weights with every adapter folded in: W + (alpha/r) B @ A, computed in fp32
+    and stored in W's dtype. Weights without an adapter are returned as they are (not copied)."""
+    _check_rank(r)
+    modules: dict[str, None] = {}
+    for name in adapters:
+        if not name.endswith((f".{_A}", f".{_B}")):
+            raise CheckpointError(f"adapter tensor {name} is no lora_A.weight / lora_B.weight; adapters are named "
+                                  f"<module>.{_A} and <module>.{_B}")
+        modules[name.rsplit(".", 2)[0]] = None
+    merged = dict(base)
+    for module in modules:
+        weight_name = f"{module}.weight"
+        if weight_name not in base:
+            raise CheckpointError(f"adapter of {module} has no base weight {weight_name} to merge into")
+        w = base[weight_name]
+        out_features, in_features = w.shape
+        want = {f"{module}.{_A}": (r, in_features), f"{module}.{_B}": (out_features, r)}
+        for name, shape in want.items():
+            if name not in adapters:
+                raise CheckpointError(f"adapter tensor {name} is missing; {weight_name} {tuple(w.shape)} with "
+                                      f"lora rank {r} expects it with shape {shape}")
+            if tuple(adapters[name].shape) != shape:
+                raise CheckpointError(f"adapter tensor {name} has shape {tuple(adapters[name].shape)}, "
+                                      f"{weight_name} {tuple(w.shape)} with lora rank {r} expects {shape}")
+        a, b = (adapters[n].to(torch.float32) for n in want)
+        merged[weight_name] = torch.addmm(w.to(torch.float32), b, a, alpha=alpha / r).to(w.dtype)
+    return merged
