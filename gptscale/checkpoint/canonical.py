@@ -71,7 +71,7 @@ class CanonicalFolder:
         if self.weights.metadata.get("format") != FORMAT:
             raise CheckpointError(f"{self.path}: its safetensors are not marked {FORMAT!r}; for a Hugging Face folder "
                                   f"use 'gptscale convert from-hf' first")
-        self.shapes, self.table = canonical_layout(self.cfg.model)
+        self.shapes, self.table = canonical_layout(self.cfg.model, self.cfg.lora)
         found, expected = set(self.weights.names), set(self.shapes)
         if found != expected:
             raise CheckpointError(f"{self.path}: the weights do not fit the model in {CONFIG} (missing "

@@ -31,6 +31,7 @@ from gptscale.checkpoint.layout import (CONFIG, TOKENIZER, CheckpointMeta, Layou
 from gptscale.checkpoint.rank_state import load_rank_state
 from gptscale.config import RunConfig
 from gptscale.convert.tp import canonical_layout, merge_tensor
+from gptscale.parallel.lora import is_adapter
 from gptscale.ds_import import load_without_code
 from gptscale.errors import CheckpointError
 from gptscale.model.stages import StageLayer, StageModule, layers_with_parameters, stage_bounds, stage_layers
@@ -217,7 +218,9 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path / 'COMPLETE.json'}: unknown run mode {self.layout.mode!r}; one of "
                                   f"{', '.join(modes.names()[1:])}")
         tp = self.layout.tp
-        self.shapes, self.table = canonical_layout(self.cfg.model)
+        self.shapes, self.table = canonical_layout(self.cfg.model, self.cfg.lora)
+        # What has optimizer state: a LoRA run's base is frozen.
+        self.trained = [n for n in self.shapes if is_adapter(n)] if self.cfg.lora else list(self.shapes)
         with torch.device("meta"):
             self._layers = layers = stage_layers(self.cfg.model, TPGroup.shape_only(tp))
         self.tokenizer_dir = self.path / TOKENIZER if (self.path / TOKENIZER).is_dir() else None
@@ -272,7 +275,7 @@ class CheckpointReader:
                     else:
                         prefix = self._layers[int(head)].prefix if head.isdigit() and int(head) < len(self._layers) else "?"
                     found.setdefault(prefix + rest, [(e, local) for e in engines])
-            missing = [n for n in self.shapes if n not in found]
+            missing = [n for n in self.trained if n not in found]
             if missing:
                 raise CheckpointError(f"{self.path}: the pipeline's optimizer files lack {missing[:2]}; the checkpoint "
                                       f"is damaged or its config is another model's")

@@ -13,6 +13,7 @@ from gptscale.checkpoint.convert import open_weights
 from gptscale.convert.tp import canonical_layout, merge_tp
 from gptscale.errors import ConfigError, UserError
 from gptscale.parallel.layers import Split, split_table
+from gptscale.parallel.lora import is_adapter
 
 
 def canonical_state_dict(dense_model) -> dict[str, torch.Tensor]:
@@ -52,22 +53,27 @@ def tp_piece(source, name: str, split: Split, rank: int, tp: int, padded_vocab: 
     return piece
 
 
-def load_canonical_params(params: dict, model_cfg, tp, path: str | Path, deepspeed) -> None:
+def load_canonical_params(params: dict, model_cfg, tp, path: str | Path, deepspeed, lora=None) -> None:
     """Copy canonical weights into `params` (canonical name -> this rank's parameter: a whole
     model's or one pipeline stage's), split for TP rank `tp.rank` of `tp.size`. `path`: a
     canonical folder or file, a Hugging Face folder, or a training checkpoint (any layout);
     each rank reads only its own pieces. ZeRO-3 partitions are gathered for the copy (for
-    other parameters the gather is a no-op)."""
+    other parameters the gather is a no-op). With `lora` (the model carries adapters), a
+    source without adapters is a base: the adapters keep their initial values."""
     try:
         source = open_weights(path, model_cfg)
     except UserError as err:
         raise ConfigError(f"train.init_from={str(path)!r}: {err}") from None
-    expected, table = canonical_layout(model_cfg)
+    expected, table = canonical_layout(model_cfg, lora)
+    if not any(is_adapter(n) for n in source.shapes):
+        params = {n: p for n, p in params.items() if not is_adapter(n)}
     missing = sorted(set(params) - set(source.shapes))
     unexpected = sorted(set(source.shapes) - set(expected))
     if missing or unexpected:
+        hint = ("; it holds LoRA adapters: merge them first ('gptscale lora merge')"
+                if any(is_adapter(n) for n in unexpected) else "")
         raise ConfigError(f"train.init_from={path}: weights do not fit model ({len(missing)} missing, e.g. "
-                          f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]})")
+                          f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}){hint}")
     wrong = [n for n in params if tuple(source.shapes[n]) != tuple(expected[n])]
     if wrong:
         raise ConfigError(f"train.init_from={path}: {wrong[0]} has shape {tuple(source.shapes[wrong[0]])}, the "

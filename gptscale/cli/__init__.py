@@ -10,7 +10,7 @@ import os
 import sys
 
 from gptscale import modes
-from gptscale.cli import convert, data, info, train
+from gptscale.cli import convert, data, info, lora, train
 from gptscale.cli.options import OneLineParser
 from gptscale.errors import UserError
 
@@ -22,11 +22,13 @@ commands:
   presets    list the built-in model shapes with exact parameter counts and FLOPs/token
   info       resolve a run config and show its parameters, per-TP-rank size, run mode and rank layout
   selftest   check TP=N against the dense model on N local CPU ranks (gloo)
-  data       train a tokenizer, prepare webdataset token shards, inspect them
+  data       train a tokenizer, prepare webdataset token shards (pretraining or fine-tuning), inspect them
   train      pretrain in any run mode ({", ".join(modes.names()[1:])}; run it under a launcher)
-  generate   sample text from a training checkpoint of any run mode and layout
+  finetune   supervised fine-tuning, full or LoRA, in any run mode, from a trained model
+  generate   sample text from a training checkpoint of any run mode and layout (with LoRA adapters)
   plot       draw a run's loss curves to RUN/loss.png
-  convert    consolidate a checkpoint (any layout), export to / import from Hugging Face
+  convert    consolidate a checkpoint (any layout), export to / import from Hugging Face (LoRA: PEFT)
+  lora       merge a LoRA run's adapters into its base
 """
 
 
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_parsers(sub)
     train.add_parsers(sub)
     convert.add_parsers(sub)
+    lora.add_parsers(sub)
     return parser
 
 

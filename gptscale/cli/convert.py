@@ -17,7 +17,13 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     from gptscale.checkpoint.canonical import write_canonical
     from gptscale.checkpoint.convert import open_source
 
+    from gptscale.errors import ConfigError
+
     source = open_source(args.checkpoint)
+    if args.with_optimizer and source.cfg.lora is not None:
+        raise ConfigError(f"{args.checkpoint} is a LoRA run's checkpoint: --with-optimizer is for full runs (a LoRA "
+                          f"run resumes from its checkpoint at any layout); its adapters export with 'gptscale "
+                          f"convert to-hf --adapter'")
     state = source.trainer_state() if args.with_optimizer else None
     count = len(source.names) * (1 + (2 + (args.dtype != "fp32") if args.with_optimizer else 0))
     with _progress(count, "consolidate", args.quiet) as bar:
@@ -32,6 +38,14 @@ def cmd_to_hf(args: argparse.Namespace) -> int:
 
     from gptscale.convert.hf import hf_shapes
 
+    if args.adapter:
+        from gptscale.checkpoint.peft_folder import write_peft
+
+        adapter = write_peft(args.source, args.out, args.base)
+        print(f"PEFT LoRA adapter (rank {adapter.lora.rank}, alpha {adapter.lora.alpha:g}, targets "
+              f"{adapter.lora.targets}) for the {adapter.model.family} base: {args.out}; load it with "
+              f"peft.PeftModel.from_pretrained(<the base exported by 'gptscale convert to-hf'>, '{args.out}')")
+        return 0
     source = open_source(args.source)
     with _progress(len(hf_shapes(source.cfg.model)), "to-hf", args.quiet) as bar:
         write_hf(source, args.out, args.dtype, args.max_shard_size << 20, bar.update)
@@ -87,8 +101,15 @@ def add_parsers(sub) -> None:
                                     "as LlamaForCausalLM (fused QKV un-interleaved, GPT-2's Conv1D transposed, "
                                     "vocabulary padding dropped, every config field explicit), plus "
                                     "generation_config.json and the run's tokenizer. Logits equal gptscale's.")
-    p.add_argument("source", help="a training checkpoint (RUN/checkpoints/stepNNNNNNNN) or a canonical folder")
+    p.add_argument("source", help="a training checkpoint (RUN/checkpoints/stepNNNNNNNN) or a canonical folder; "
+                                  "with --adapter a LoRA run's checkpoint or an adapter folder")
     p.add_argument("out", help="output folder (must not exist)")
+    p.add_argument("--adapter", action="store_true",
+                   help="export the LoRA adapters of SOURCE as a PEFT folder (adapter_config.json + "
+                        "adapter_model.safetensors, PEFT's names; the fused QKV adapter split into q/k/v for Llama, "
+                        "reordered for GPT-2's c_attn) for peft.PeftModel.from_pretrained on the base that "
+                        "'to-hf' exports from the same checkpoint (a LoRA checkpoint exports its base)")
+    p.add_argument("--base", help="with --adapter: base_model_name_or_path to record (the exported base's folder)")
     _add_output_options(p)
     p.set_defaults(func=cmd_to_hf)
 

@@ -15,12 +15,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if result.steps_done > 0 or result.stopped_by_signal else 1
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from gptscale import config
+    from gptscale.train.loop import train
+    from gptscale.train.tasks import FineTuning
+
+    cfg = config.load(args.config, args.set)
+    result = train(cfg, resume=args.resume, task=FineTuning(cfg), overwrite_run=args.overwrite_run)
+    return 0 if result.steps_done > 0 or result.stopped_by_signal else 1
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from gptscale.train.sample import generate_from_checkpoint
 
     print(generate_from_checkpoint(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                                   tokenizer=args.tokenizer))
+                                   tokenizer=args.tokenizer, adapter=args.adapter))
     return 0
 
 
@@ -37,6 +47,23 @@ def _modes_help() -> str:
     return "\n".join(f"  {spec.name:<11} {spec.summary}" for spec in map(modes.by_name, modes.names()[1:]))
 
 
+def _mode_names() -> list[str]:
+    from gptscale import modes
+
+    return list(modes.names()[1:])
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    add_config_options(p)
+    p.add_argument("--resume", default="auto",
+                   help="auto (default): continue from the newest complete checkpoint in train.out_dir if there "
+                        "is one; none: start fresh (refused where checkpoints exist, see --overwrite-run); or a "
+                        "checkpoint folder")
+    p.add_argument("--overwrite-run", action="store_true",
+                   help="start afresh (implies --resume none), deleting the checkpoints, metrics and TensorBoard "
+                        "events train.out_dir already holds")
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("train", help="pretrain with tensor, pipeline and ZeRO data parallelism",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -50,15 +77,27 @@ def add_parsers(sub) -> None:
                                    "Once training runs, SIGTERM / SIGUSR1 make every rank finish the step, save and "
                                    "exit 0 (during start-up they end the process at once; no checkpoint is saved "
                                    "while steps are non-finite).")
-    add_config_options(p)
-    p.add_argument("--resume", default="auto",
-                   help="auto (default): continue from the newest complete checkpoint in train.out_dir if there "
-                        "is one; none: start fresh (refused where checkpoints exist, see --overwrite-run); or a "
-                        "checkpoint folder")
-    p.add_argument("--overwrite-run", action="store_true",
-                   help="start afresh (implies --resume none), deleting the checkpoints, metrics and TensorBoard "
-                        "events train.out_dir already holds")
+    _add_run_options(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="supervised fine-tuning (full or LoRA) from a trained model",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Fine-tune train.init_from (a gptscale checkpoint of any layout, a canonical folder "
+                                   "or a Hugging Face folder) on prompt/response examples from 'gptscale data "
+                                   "prepare-sft' (data.path). The loss covers the responses only, averaged over the "
+                                   "labelled tokens of each whole step.\n"
+                                   "  finetune.method: full   every weight trains\n"
+                                   "  finetune.method: lora   low-rank adapters on finetune.lora.targets train, the base "
+                                   "is frozen (no optimizer state);\n"
+                                   "                          each checkpoint holds the adapters alone in adapter/ "
+                                   "('gptscale convert to-hf --adapter' makes a PEFT folder of them)\n"
+                                   "Any run mode (" + ", ".join(_mode_names()) + "), any launcher, the same "
+                                   "checkpoints, resume and stop signals as 'gptscale train'. At the end, "
+                                   "finetune.eval_answers held-out prompts are answered greedily and scored by exact "
+                                   "match.\n"
+                                   "  torchrun --nproc_per_node 2 -m gptscale.cli finetune --config configs/sft.yaml")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint, canonical or Hugging Face folder",
                        description="Load a training checkpoint (any run mode, any TP x PP x DP layout), a canonical "
@@ -73,6 +112,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--top-k", type=positive_int, default=TrainConfig.sample_top_k)
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--tokenizer", help="tokenizer folder (default: the one of the training data)")
+    p.add_argument("--adapter", help="LoRA adapters to apply: an adapter folder or a LoRA run's checkpoint")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plot", help="loss curves of a run as a PNG")

@@ -26,9 +26,11 @@ from gptscale import modes
 from gptscale.checkpoint.layout import engine_location
 from gptscale.checkpoint.weights import load_canonical_params, tp_piece
 from gptscale.config import RunConfig
-from gptscale.convert.tp import canonical_layout
+from gptscale.convert.tp import canonical_layout, merge_tensor
 from gptscale.ds_import import guard_engine_loads
 from gptscale.modes import ModeSpec
+from gptscale.parallel.layers import IGNORE_INDEX
+from gptscale.parallel.lora import add_lora, is_adapter
 from gptscale.parallel.primitives import comm_device
 from gptscale.parallel.topology import Topology
 from gptscale.runtime.optim import lr_at, lr_scheduler, param_groups
@@ -54,6 +56,10 @@ class RuntimeContext:
     deepspeed: Any  # the imported deepspeed module (gptscale.ds_import)
     trains: Callable[[str], bool]  # the task's choice: does the parameter of this canonical name train?
     init_from: str | None = None  # canonical weights to start from (None when resuming: the checkpoint has them)
+    # The task's loss normalisation: True divides the summed loss by the labelled tokens of the
+    # whole optimizer step (every micro-batch, every DP rank), as SFT's loss masks need; False
+    # takes each micro-batch's own mean (pretraining: every window is fully labelled).
+    mean_over_step_tokens: bool = False
 
 
 class NonFiniteCounter(Protocol):
@@ -124,9 +130,10 @@ class Runtime(abc.ABC):
         state (this rank's pieces), the step and the schedule. The weights came in through
         init_from when the engine was built."""
         tp = self.topo.tp_group
-        _, table = canonical_layout(self.cfg.model)
+        _, table = canonical_layout(self.cfg.model, self.cfg.lora)
         padded = self.cfg.model.padded_vocab_size(tp.size)
-        load_adam_state(self.engine, self.canonical_parameters(),
+        trained = {name: p for name, p in self.canonical_parameters().items() if p.requires_grad}
+        load_adam_state(self.engine, trained,
                         lambda name, kind: tp_piece(source, name, table[name], tp.rank, tp.size, padded, kind),
                         adam_step)
         self.engine.global_steps = step
@@ -156,13 +163,25 @@ class Runtime(abc.ABC):
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else None
 
+    def add_adapters(self, layers: list[tuple[str, nn.Module]]) -> None:
+        """LoRA adapters (finetune.method: lora) on the targeted linears of this rank's `layers`
+        (canonical name prefix, module), checked against the whole model's layers. The same on
+        every rank of a stage, whatever the TP size (`parallel.lora`)."""
+        lora = self.cfg.lora
+        if lora is None:
+            return
+        shapes, _ = canonical_layout(self.cfg.model)
+        modules = [name.rsplit(".", 1)[0] for name in shapes if name.endswith(".weight")]
+        for prefix, module in layers:
+            add_lora(module, lora, self.cfg.train.seed, prefix, names=modules)
+
     def initialize_engine(self, model: nn.Module, canonical: dict[str, nn.Parameter], mpu=None):
         """The recipe every mode shares once it has built `model` (from the same seed on every
         rank of a stage, so replicas start equal): the starting weights of train.init_from, the
         optimizer over the task's trainable parameters with the LR schedule, then the training RNG."""
         cfg, ds = self.cfg, self.ctx.deepspeed
         if self.ctx.init_from:
-            load_canonical_params(canonical, cfg.model, self.topo.tp_group, self.ctx.init_from, ds)
+            load_canonical_params(canonical, cfg.model, self.topo.tp_group, self.ctx.init_from, ds, cfg.lora)
         groups = param_groups(model, canonical, cfg.train.weight_decay, self.ctx.trains)
         engine, _, _, _ = ds.initialize(model=model, model_parameters=groups, config=self.ctx.ds_config, mpu=mpu,
                                         lr_scheduler=lr_scheduler(cfg.train))
@@ -171,6 +190,42 @@ class Runtime(abc.ABC):
         # agree), different across DP replicas.
         seed_all(cfg.train.seed + 1000 * self.topo.coords.dp + 1)
         return engine
+
+    def gather_adapters(self) -> dict[str, torch.Tensor] | None:
+        """Every LoRA adapter of the model, canonical (TP-merged, unpadded), on global rank 0
+        (None elsewhere). Collective: every rank calls it. Adapters are small, so each
+        (stage, TP rank)'s first DP replica sends its own to rank 0 as objects."""
+        params = {name: p for name, p in self.canonical_parameters().items() if is_adapter(name)}
+        with self.ctx.deepspeed.zero.GatheredParameters(list(params.values())):  # ZeRO-3: whole local shards
+            local = {name: p.detach().float().cpu().clone() for name, p in params.items()}
+        tp = self.topo.tp_group
+        mine = (tp.rank, local if self.topo.coords.dp == 0 else {})
+        everyone = [None] * self.topo.layout.world_size if dist.get_rank() == 0 else None
+        dist.gather_object(mine, everyone, dst=0)
+        if everyone is None:
+            return None
+        _, table = canonical_layout(self.cfg.model, self.cfg.lora)
+        pieces: dict[str, dict[int, torch.Tensor]] = {}
+        for tp_rank, tensors in everyone:
+            for name, tensor in tensors.items():
+                pieces.setdefault(name, {})[tp_rank] = tensor
+        return {name: merge_tensor([by_rank[r] for r in sorted(by_rank)], table[name], self.cfg.model.vocab_size)
+                for name, by_rank in sorted(pieces.items(), key=lambda item: list(table).index(item[0]))}
+
+    def step_batches(self, batches: Iterator[Batch]) -> tuple[list[Batch], torch.Tensor | None]:
+        """The next optimizer step's grad_accum micro-batches, and the `num_valid_tokens` each
+        micro-batch's loss is divided by: None (its own mean), or under mean_over_step_tokens
+        the step's labelled tokens over all DP ranks / (grad_accum x dp). DeepSpeed divides each
+        micro-batch's loss by grad_accum and averages gradients over DP, so the step's gradient
+        is then exactly that of the mean over all its labelled tokens."""
+        micro = [next(batches) for _ in range(self.cfg.train.grad_accum)]
+        if not self.ctx.mean_over_step_tokens:
+            return micro, None
+        labelled = torch.tensor([float(sum(int((labels != IGNORE_INDEX).sum()) for _, labels in micro))],
+                                dtype=torch.float64, device=comm_device())
+        dist.all_reduce(labelled, group=self.topo.get_data_parallel_group())
+        share = max(labelled.item(), 1.0) / (self.cfg.train.grad_accum * self.topo.layout.dp)
+        return micro, torch.tensor(share, dtype=torch.float32, device=self.engine.device)
 
     def on_device(self, batch: Batch) -> Batch:
         """The loader's CPU tensors on this rank's device (DeepSpeed does not move inputs)."""
@@ -192,9 +247,11 @@ class WholeModelRuntime(Runtime):
 
     def train_step(self, batches, step, nonfinite) -> float:
         losses = []
+        micro, num_valid_tokens = self.step_batches(batches)
         while len(losses) < self.cfg.train.grad_accum:
-            input_ids, labels = self.on_device(next(batches))
-            loss = self.engine(input_ids, labels=labels)
+            # A skipped micro-batch's stand-in comes from the stream (its tokens were not counted).
+            input_ids, labels = self.on_device(micro.pop(0) if micro else next(batches))
+            loss = self.engine(input_ids, labels=labels, num_valid_tokens=num_valid_tokens)
             if not finite_everywhere(loss):
                 nonfinite.nonfinite(step + 1, "micro-batches")
                 continue  # skipped on every rank: no backward, no step

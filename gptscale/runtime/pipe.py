@@ -16,7 +16,6 @@ DeepSpeed internals this mode relies on (checked in tests/unit/test_deepspeed_in
 """
 from __future__ import annotations
 
-import functools
 import sys
 import time
 
@@ -55,13 +54,16 @@ class PipeRuntime(Runtime):
         if dist.get_rank() == 0:
             print(f"gptscale train: {describe_stages(self.layers, self.bounds)}", flush=True)
         seed_all(cfg.train.seed)  # every stage builds its layers from the same seed
-        self.module = build_pipeline_module(self.layers, self.bounds, topo, lm_loss)
+        self.loss = StepLoss(topo.tp_group)
+        self.module = build_pipeline_module(self.layers, self.bounds, topo, self.loss)
+        self.add_adapters(self._stage_layers())
         engine = self.initialize_engine(self.module, self.canonical_parameters())
         self.timer = StageTimer(engine)
         return engine
 
     def train_step(self, batches, step, nonfinite) -> float:
-        loss = self.engine.train_batch(batches).item()  # already the mean over micro-batches and DP
+        micro, self.loss.num_valid_tokens = self.step_batches(batches)
+        loss = self.engine.train_batch(iter(micro)).item()  # already the mean over micro-batches and DP
         self.step_timing = self.timer.take()  # this step's alone, whenever it is logged
         return loss
 
@@ -72,6 +74,7 @@ class PipeRuntime(Runtime):
 
     @torch.no_grad()
     def evaluate(self, batches) -> float:
+        self.loss.num_valid_tokens = None  # each held-out batch's own mean
         loss = self.engine.eval_batch(iter(batches), num_micro_batches=len(batches))
         self.engine.train()
         self.timer.take()  # evaluation is not part of a training step's bubble
@@ -79,13 +82,25 @@ class PipeRuntime(Runtime):
 
     def canonical_parameters(self) -> dict[str, nn.Parameter]:
         """canonical name -> parameter, for this rank's stage (and TP shard)."""
+        return {prefix + name: param for prefix, module in self._stage_layers()
+                for name, param in module.named_parameters()}
+
+    def _stage_layers(self) -> list[tuple[str, nn.Module]]:
+        """(canonical name prefix, module) of each layer of this rank's stage."""
         start, stop = self.bounds[self.stage], self.bounds[self.stage + 1]
-        params = {}
-        for offset, layer in enumerate(self.layers[start:stop]):
-            module = (self.module.tied_modules[layer.tie_key] if layer.tie_key is not None
-                      else self.module.forward_funcs[offset])
-            params.update({layer.prefix + name: param for name, param in module.named_parameters()})
-        return params
+        return [(layer.prefix, self.module.tied_modules[layer.tie_key] if layer.tie_key is not None
+                 else self.module.forward_funcs[offset]) for offset, layer in enumerate(self.layers[start:stop])]
+
+
+class StepLoss:
+    """The last stage's loss function: `lm_loss` divided by the current step's share of its
+    labelled tokens (set before each step; None: each micro-batch's own mean)."""
+
+    def __init__(self, tp):
+        self.tp, self.num_valid_tokens = tp, None
+
+    def __call__(self, local_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return lm_loss(local_logits, labels, self.tp, self.num_valid_tokens)
 
 
 def build_pipeline_module(layers: list[StageLayer], bounds: list[int], topo: Topology, loss_fn):
@@ -115,8 +130,7 @@ def build_pipeline_module(layers: list[StageLayer], bounds: list[int], topo: Top
     # which autograd would otherwise record as an op it cannot differentiate. Activation
     # recompute is the blocks' own (model.gpt.Block), not DeepSpeed's.
     with torch.no_grad():
-        return StagesCutByGptscale(layers=specs, topology=grid, loss_fn=functools.partial(loss_fn, tp=topo.tp_group),
-                                   activation_checkpoint_interval=0)
+        return StagesCutByGptscale(layers=specs, topology=grid, loss_fn=loss_fn, activation_checkpoint_interval=0)
 
 
 def _check_rank_grid(topo: Topology, grid) -> None:

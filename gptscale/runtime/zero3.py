@@ -22,4 +22,5 @@ class Zero3Runtime(ZeroStage3, WholeModelRuntime):
         with ds.zero.Init(config_dict_or_path=self.ctx.ds_config, mpu=topo,
                           data_parallel_group=topo.get_data_parallel_group()):
             model = GPT(cfg.model, topo.tp_group)
+        self.add_adapters([("", model)])  # partitioned when the engine is built
         return self.initialize_engine(model, dict(model.named_parameters()), mpu=topo)

@@ -32,7 +32,7 @@ from gptscale.checkpoint.resume import (RunCheckpoints, agree, attempt, check_sh
                                         find_resume, refuse_used_run_folder)
 from gptscale.config import RunConfig
 from gptscale.ds_import import import_deepspeed, on_gpu
-from gptscale.errors import CheckpointError, NonFiniteError, UserError
+from gptscale.errors import CheckpointError, ConfigError, NonFiniteError, UserError
 from gptscale.launch import check_gpu_present, check_tp_within_node, init_distributed
 from gptscale.model.counting import flops_per_token
 from gptscale.parallel.primitives import comm_device
@@ -42,7 +42,8 @@ from gptscale.runtime.ds_config import assemble, load_template
 from gptscale.scaling.hardware import device_peak_tflops
 from gptscale.train.job import JobDir
 from gptscale.train.metrics import MetricsLogger, peak_memory_gb
-from gptscale.train.sample import sample_from_checkpoint, sample_live
+from gptscale.train.answers import exact_match
+from gptscale.train.sample import load_dense_model, sample_from_checkpoint, sample_live
 from gptscale.train.tasks import Pretraining, Task
 
 
@@ -53,6 +54,7 @@ class TrainResult:
     val_losses: dict[int, float] = field(default_factory=dict)
     stopped_by_signal: bool = False
     sample: str | None = None
+    exact_match: float | None = None  # fine-tuning: held-out greedy answers equal to the reference
 
 
 class StopRequest:
@@ -167,14 +169,16 @@ class Trainer:
         if resume == "none":
             self._start_fresh(overwrite_run)
         self.task = task or Pretraining(cfg)
+        if self.task.starts_from_weights and self.resume_from is None and not cfg.train.init_from:
+            raise ConfigError(f"{self.task.name} starts from a trained model: set train.init_from to a checkpoint, a "
+                              f"canonical folder or a Hugging Face folder")
         tokenizer = self.task.tokenizer
         self.checkpoints = RunCheckpoints(self.run_dir, cfg, layout, run_id=self._run_id(), tokenizer_file=tokenizer and tokenizer.path,
                                           tokenizer_sha256=tokenizer and tokenizer.sha256)
         self.ds_config = assemble(cfg, grid.dp, on_gpu(), template)
         context = RuntimeContext(cfg=cfg, mode=mode, topo=self.topo, ds_config=self.ds_config, deepspeed=deepspeed,
-                                 trains=self.task.trains,
-                                 init_from=str(self.continue_from) if self.continue_from
-                                 else None if self.resume_from else cfg.train.init_from)
+                                 trains=self.task.trains, init_from=self._starting_weights(),
+                                 mean_over_step_tokens=self.task.mean_over_step_tokens)
         runtime = runtime_class(mode.name)
         if self.is_writer:
             print(f"gptscale train: {launch.describe()}", flush=True)
@@ -183,6 +187,18 @@ class Trainer:
                   f"{runtime.describe(cfg, self.ds_config)}, {cfg.train.precision}, run dir {self.run_dir}",
                   flush=True)
         self.runtime = runtime(context)
+
+    def _starting_weights(self) -> str | None:
+        """Where the model's weights come from before DeepSpeed's own files (if any) are loaded:
+        a checkpoint of another layout; for a LoRA run resumed, its checkpoint (DeepSpeed
+        restores the trained adapters, not necessarily the frozen base, so the base comes
+        from the same files: a resumed run needs nothing outside them); else train.init_from
+        for a fresh run."""
+        if self.continue_from is not None:
+            return str(self.continue_from)
+        if self.resume_from is not None:
+            return str(self.resume_from) if self.cfg.lora is not None else None
+        return self.cfg.train.init_from
 
     def _agreed_resume(self, resume: str) -> Path | None:
         """Rank 0 chooses the checkpoint and tells the others: under NFS caching (or a folder that
@@ -313,6 +329,9 @@ class Trainer:
             result.sample = self.sample()
             if self.is_writer:
                 print(f"sample ({t.sample_tokens} tokens after {t.sample_prompt!r}):\n{result.sample}", flush=True)
+        answers = self.task.answer_examples()
+        if not result.stopped_by_signal and answers:
+            result.exact_match = self.score_answers(answers, step, metrics)
         metrics.close()
         return result
 
@@ -338,6 +357,25 @@ class Trainer:
         if self.is_writer and os.environ.get("GPTSCALE_QUIET_SAVE") is None:
             tqdm.write(f"checkpoint: {path} (saved in {took:.1f} s; preemption lead {lead} s)", file=sys.stderr)
         return path
+
+    def score_answers(self, answers: list[tuple[list[int], str]], step: int, metrics: MetricsLogger) -> float:
+        """Exact match of greedy answers to held-out prompts, from the live model where the mode
+        allows, else from the final checkpoint on rank 0; the same value on every rank."""
+        tokenizer, budget = self.task.tokenizer, self.cfg.finetune.answer_tokens
+        model = self.runtime.generation_model()
+        if model is not None:
+            score, rows = exact_match(model, answers, tokenizer, budget, self.runtime.engine.device)
+        elif self.is_writer:
+            final = self.checkpoints.complete()[-1]
+            score, rows = exact_match(load_dense_model(final)[1], answers, tokenizer, budget, torch.device("cpu"))
+        found = [score if self.is_writer else None]
+        dist.broadcast_object_list(found, src=0)
+        metrics.log({"step": step, "val_exact_match": found[0]})
+        if self.is_writer:
+            print(f"exact match on {len(rows)} held-out prompts: {found[0]:.1%}", flush=True)
+            for prompt, reference, answer in rows[:3]:
+                print(f"  {prompt[-60:]!r} -> {answer!r} (reference {reference!r})", flush=True)
+        return found[0]
 
     def sample(self) -> str | None:
         """The closing sample, on rank 0 (None elsewhere when only rank 0 generates)."""

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from gptscale.checkpoint.adapter import AdapterFolder
 from gptscale.checkpoint.convert import open_source
 from gptscale.checkpoint.read import CheckpointReader
 from gptscale.checkpoint.layout import TOKENIZER, CheckpointMeta
@@ -18,6 +19,7 @@ from gptscale.model.counting import count_parameters
 from gptscale.model.generate import generate
 from gptscale.model.gpt import GPT
 from gptscale.parallel.layers import split_table
+from gptscale.parallel.lora import add_lora
 
 LARGEST_SAMPLED_MODEL = 2_000_000_000  # parameters; bigger ones are not consolidated onto one rank for a sample
 
@@ -25,9 +27,24 @@ LARGEST_SAMPLED_MODEL = 2_000_000_000  # parameters; bigger ones are not consoli
 def generate_from_checkpoint(checkpoint: str | Path, prompt: str, *, max_new_tokens: int = 64,
                              temperature: float = TrainConfig.sample_temperature,
                              top_k: int | None = TrainConfig.sample_top_k, seed: int = 0,
-                             tokenizer: str | None = None) -> str:
+                             tokenizer: str | None = None, adapter: str | None = None) -> str:
     """`checkpoint`: a training checkpoint (any mode and layout), a canonical folder or a
-    Hugging Face folder."""
+    Hugging Face folder; `adapter`: LoRA adapters (an adapter folder or a LoRA checkpoint) to
+    apply to it."""
+    cfg, model, tok = load_dense_model(checkpoint, tokenizer, adapter)
+    ids = tok.encode(prompt)
+    if not ids:
+        raise ConfigError("--prompt encodes to no tokens; give some text")
+    budget = min(max_new_tokens, cfg.model.block_size - len(ids))
+    out = generate(model, torch.tensor([ids]), budget, temperature=temperature, top_k=top_k,
+                   generator=torch.Generator().manual_seed(seed), stop_token=tok.eos_id)
+    return tok.decode(out[0].tolist())
+
+
+def load_dense_model(checkpoint: str | Path, tokenizer: str | None = None,
+                     adapter: str | None = None) -> tuple[RunConfig, GPT, TextTokenizer]:
+    """(config, the whole model in this process, its tokenizer) from any source of weights
+    (with the adapters a LoRA checkpoint holds), plus `adapter`'s LoRA adapters if given."""
     source = open_source(checkpoint)
     cfg = source.cfg
     weights = {name: source.tensor(name) for name in source.names}
@@ -38,14 +55,19 @@ def generate_from_checkpoint(checkpoint: str | Path, prompt: str, *, max_new_tok
     else:
         raise ConfigError(f"{checkpoint} holds no tokenizer; pass --tokenizer")
     model = GPT(cfg.model)
+    lora = cfg.lora
+    if adapter is not None:
+        if lora is not None:
+            raise ConfigError(f"{checkpoint} already carries LoRA adapters; give a base (or 'gptscale lora merge' "
+                              f"it first) to apply --adapter {adapter}")
+        folder = AdapterFolder(adapter)
+        folder.check_fits(cfg.model, checkpoint)
+        lora = folder.lora
+        weights.update(folder.tensors())
+    if lora is not None:
+        add_lora(model, lora, seed=0)
     model.load_state_dict(split_tp(weights, split_table(model), 1, model.padded_vocab)[0])
-    ids = tok.encode(prompt)
-    if not ids:
-        raise ConfigError("--prompt encodes to no tokens; give some text")
-    budget = min(max_new_tokens, cfg.model.block_size - len(ids))
-    out = generate(model, torch.tensor([ids]), budget, temperature=temperature, top_k=top_k,
-                   generator=torch.Generator().manual_seed(seed), stop_token=tok.eos_id)
-    return tok.decode(out[0].tolist())
+    return cfg, model, tok
 
 
 def checkpoint_tokenizer(ckpt: Path, cfg: RunConfig, given: str | None) -> TextTokenizer:

@@ -56,6 +56,7 @@ class PipeZero3Runtime(ZeroStage3, Runtime):
         with ds.zero.Init(config_dict_or_path=self.ctx.ds_config, mpu=mpu,
                           data_parallel_group=topo.get_data_parallel_group()):
             self.module = StageModule(stage_layers(cfg.model, topo.tp_group), bounds[self.stage], bounds[self.stage + 1])
+        self.add_adapters([(spec.prefix, layer) for spec, layer in zip(self.module.specs, self.module.layers)])
         engine = self.initialize_engine(self.module, self.module.canonical_parameters(), mpu=mpu)
         shape = (cfg.train.micro_batch, cfg.data.seq_len, cfg.model.n_embd)
         self.p2p = P2P(topo, shape, _DTYPES[cfg.train.precision])
@@ -71,6 +72,8 @@ class PipeZero3Runtime(ZeroStage3, Runtime):
         inflight: deque = deque()
         losses: list[float] = []
         self.backwards_done = 0
+        micro, self.num_valid_tokens = self.step_batches(batches)
+        batches = iter(micro)
         with self._gathered_for_step():
             x = None
             for _ in range(warmup):
@@ -108,7 +111,7 @@ class PipeZero3Runtime(ZeroStage3, Runtime):
         x = input_ids if self.is_first else received.requires_grad_()
         out = self.engine(x)
         if self.is_last:
-            loss = lm_loss(out, labels, self.topo.tp_group)
+            loss = lm_loss(out, labels, self.topo.tp_group, self.num_valid_tokens)
             losses.append(loss.item())
             inflight.append((x, loss))
             return None
