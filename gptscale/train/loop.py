@@ -55,6 +55,7 @@ class TrainResult:
     stopped_by_signal: bool = False
     sample: str | None = None
     exact_match: float | None = None  # fine-tuning: held-out greedy answers equal to the reference
+    exact_match_before: float | None = None  # the same before training (a fresh run)
 
 
 class StopRequest:
@@ -272,6 +273,10 @@ class Trainer:
         job = JobDir(self.is_writer)
         if step == 0 and t.eval_every:  # the baseline the validation curve falls from
             result.val_losses[0] = self._evaluate(held_out, 0, metrics, bar, "(before training)")
+        answers = self.task.answer_examples()
+        live = self.runtime.generation_model() is not None
+        if step == 0 and answers and (live or Path(cfg.train.init_from).is_dir()):  # the score fine-tuning starts from
+            result.exact_match_before = self.score_answers(answers, 0, metrics, cfg.train.init_from)
         if resumed is not None and resumed.rng is None:  # another layout: no rank's RNG to continue
             seed_all(cfg.train.seed + 1000 * self.topo.coords.dp + 1 + 7919 * step)
         elif resumed is not None:
@@ -329,9 +334,8 @@ class Trainer:
             result.sample = self.sample()
             if self.is_writer:
                 print(f"sample ({t.sample_tokens} tokens after {t.sample_prompt!r}):\n{result.sample}", flush=True)
-        answers = self.task.answer_examples()
         if not result.stopped_by_signal and answers:
-            result.exact_match = self.score_answers(answers, step, metrics)
+            result.exact_match = self.score_answers(answers, step, metrics, self.checkpoints.complete()[-1])
         metrics.close()
         return result
 
@@ -358,21 +362,22 @@ class Trainer:
             tqdm.write(f"checkpoint: {path} (saved in {took:.1f} s; preemption lead {lead} s)", file=sys.stderr)
         return path
 
-    def score_answers(self, answers: list[tuple[list[int], str]], step: int, metrics: MetricsLogger) -> float:
+    def score_answers(self, answers: list[tuple[list[int], str]], step: int, metrics: MetricsLogger,
+                      weights: str | Path) -> float:
         """Exact match of greedy answers to held-out prompts, from the live model where the mode
-        allows, else from the final checkpoint on rank 0; the same value on every rank."""
+        allows, else on rank 0 from `weights` (the model's current weights as files: the final
+        checkpoint, or init_from before training); the same value on every rank."""
         tokenizer, budget = self.task.tokenizer, self.cfg.finetune.answer_tokens
         model = self.runtime.generation_model()
         if model is not None:
             score, rows = exact_match(model, answers, tokenizer, budget, self.runtime.engine.device)
         elif self.is_writer:
-            final = self.checkpoints.complete()[-1]
-            score, rows = exact_match(load_dense_model(final)[1], answers, tokenizer, budget, torch.device("cpu"))
+            score, rows = exact_match(load_dense_model(weights)[1], answers, tokenizer, budget, torch.device("cpu"))
         found = [score if self.is_writer else None]
         dist.broadcast_object_list(found, src=0)
         metrics.log({"step": step, "val_exact_match": found[0]})
         if self.is_writer:
-            print(f"exact match on {len(rows)} held-out prompts: {found[0]:.1%}", flush=True)
+            print(f"step {step}: exact match on {len(rows)} held-out prompts {found[0]:.1%}", flush=True)
             for prompt, reference, answer in rows[:3]:
                 print(f"  {prompt[-60:]!r} -> {answer!r} (reference {reference!r})", flush=True)
         return found[0]
