@@ -47,12 +47,18 @@ def is_adapter(name: str) -> bool:
 
 
 class _Factor(nn.Module):
-    """One adapter matrix as a module of its own, so its name is `<layer>.lora_A.weight`
-    (the names PEFT uses) and ZeRO-3 gathers it like any layer's weight."""
+    """One adapter matrix as a linear module of its own, so its name is `<layer>.lora_A.weight`
+    (the names PEFT uses) and ZeRO-3 gathers it in its own forward like any layer's weight.
+    A replicated factor enters through `copy_to_tp` (its gradient summed over the TP group)."""
 
-    def __init__(self, weight: torch.Tensor, split: Split):
+    def __init__(self, weight: torch.Tensor, split: Split, tp):
         super().__init__()
+        self.tp = tp
         self.weight = mark_split(nn.Parameter(weight), split)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        replicated = self.weight.tp_split is Split.REPLICATED
+        return F.linear(x, copy_to_tp(self.weight, self.tp) if replicated else self.weight)
 
 
 class _LoRA:
@@ -69,8 +75,8 @@ class _LoRA:
         if b_split.dim is None:
             b_rows = self.out_features
         dtype, device = self.weight.dtype, self.weight.device
-        self.lora_A = _Factor(a.to(dtype=dtype, device=device).contiguous(), a_split)
-        self.lora_B = _Factor(torch.zeros(b_rows, r, dtype=dtype, device=device), b_split)
+        self.lora_A = _Factor(a.to(dtype=dtype, device=device).contiguous(), a_split, self.tp)
+        self.lora_B = _Factor(torch.zeros(b_rows, r, dtype=dtype, device=device), b_split, self.tp)
         self.lora_scaling = lora.scaling
         self.lora_dropout = nn.Dropout(lora.dropout) if lora.dropout else nn.Identity()
         self.lora_merged = False
@@ -98,8 +104,7 @@ class LoRAColumnParallelLinear(_LoRA, ColumnParallelLinear):
         x = copy_to_tp(x, self.tp)  # its backward sums the input gradients of both paths
         y = F.linear(x, self.weight, self.bias)  # (..., out / tp)
         if not self.lora_merged:
-            h = F.linear(self.lora_dropout(x), copy_to_tp(self.lora_A.weight, self.tp))  # (..., r)
-            y = y + self.lora_scaling * F.linear(h, self.lora_B.weight)
+            y = y + self.lora_scaling * self.lora_B(self.lora_A(self.lora_dropout(x)))  # via (..., r)
         return gather_from_tp(y, self.tp) if self.gather_output else y
 
 
@@ -113,8 +118,7 @@ class LoRARowParallelLinear(_LoRA, RowParallelLinear):
             x = scatter_to_tp(x, self.tp)
         y = F.linear(x, self.weight)  # this rank's partial sum, (..., out)
         if not self.lora_merged:
-            h = F.linear(self.lora_dropout(x), self.lora_A.weight)  # A_i x_i, (..., r)
-            y = y + self.lora_scaling * F.linear(h, copy_to_tp(self.lora_B.weight, self.tp))
+            y = y + self.lora_scaling * self.lora_B(self.lora_A(self.lora_dropout(x)))  # B (A_i x_i)
         y = reduce_from_tp(y, self.tp)
         return y if self.bias is None else y + self.bias
 

@@ -170,3 +170,17 @@ def assert_weights_match(weights, dense, overrides, loss_tol):
     total = sum(v.numel() for v in weights.values())
     assert close / total > 0.999, (close, total)
     assert abs(loss_with_weights(overrides, weights) - loss_with_weights(overrides, dense)) < loss_tol
+
+
+def finetune_in_turn(runs):
+    """Rank body: fine-tuning runs (overrides, resume), one after another in the same ranks."""
+    from gptscale.train.loop import train
+    from gptscale.train.tasks import FineTuning
+
+    out = []
+    for overrides, resume in runs:
+        cfg = config.load(None, overrides)
+        result = train(cfg, resume=resume, task=FineTuning(cfg))
+        out.append({"losses": result.losses, "val": result.val_losses, "steps": result.steps_done,
+                    "exact_match": result.exact_match, "exact_match_before": result.exact_match_before})
+    return out
