@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# gptscale under torchrun, one node or many. All logic stays in `gptscale train`; this only
-# builds the torchrun command line.
+# gptscale under torchrun, one node or many. All logic stays in `gptscale train` (or the command
+# GPTSCALE_COMMAND names, e.g. finetune); this only builds the torchrun command line.
 #
 #   launch/torchrun.sh --config configs/tiny.yaml [--set key=value ...]       # this node, all devices
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node1 launch/torchrun.sh --config ...   # on node1
@@ -86,4 +86,4 @@ else
     args+=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
            --rdzv-conf "timeout=$RDZV_TIMEOUT")
 fi
-exec "$PYTHON" -m torch.distributed.run "${args[@]}" -m gptscale.cli train "$@"
+exec "$PYTHON" -m torch.distributed.run "${args[@]}" -m gptscale.cli "${GPTSCALE_COMMAND:-train}" "$@"

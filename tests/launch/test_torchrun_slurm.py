@@ -154,3 +154,37 @@ def test_slurm_sigterm_to_the_batch_script_saves_without_requeue(slurm, tmp_path
     wait_until(lambda: slurm.job_state(job) in ("COMPLETED", "FAILED", "CANCELLED"), 120, "the job to end")
     output = out.read_text()
     assert "stop signal: saved step" in output and "requeueing" not in output, output[-4000:]
+
+
+def test_slurm_finetune_job_runs_gptscale_finetune(slurm, tmp_path, launch_env):
+    """launch/slurm/finetune.sbatch: the fine-tuning command on 2 nodes, LoRA from INIT_FROM."""
+    import json
+
+    from gptscale.data.sft import prepare_sft
+    from gptscale.data.sources import embedded_documents
+    from gptscale.data.tokenizer import train_tokenizer
+    from tests.parallel.training import SMALL_MODEL, save_init_weights
+
+    train_tokenizer([text for _, text in embedded_documents("pydoc")][:100], 400, tmp_path / "tok")
+    records = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(16)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    prepare_sft([str(tmp_path / "sft.jsonl")], tmp_path / "tok", tmp_path / "sft", seq_len=32,
+                val_inputs=[str(tmp_path / "sft.jsonl")], progress=False)
+    init = save_init_weights(tmp_path / "init.safetensors", SMALL_MODEL)
+    run_dir = tmp_path / "run"
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"""\
+model: {{preset: tiny, vocab_size: 512, n_layer: 2, n_embd: 64, block_size: 64}}
+data: {{path: {tmp_path / 'sft'}, seq_len: 32}}
+train: {{out_dir: {run_dir}, steps: 3, micro_batch: 2, eval_every: 0, eval_batches: 1, progress: false,
+        tensorboard: false, sample_tokens: 0, warmup_steps: 1}}
+finetune: {{method: lora, eval_answers: 2, answer_tokens: 4}}
+""")
+    out = tmp_path / "job.out"
+    job = slurm.submit(["--config", str(config)], out, {**launch_env, "SLURM_LAUNCH": "torchrun", "INIT_FROM": init},
+                       script="finetune.sbatch")
+    state = slurm.wait_ended(job, 240)
+    output = out.read_text() if out.exists() else ""
+    assert state == "COMPLETED", output[-4000:]
+    assert "fine-tuning, ZeRO stage 3" in output and "exact match on 2 held-out prompts" in output, output[-3000:]
+    assert (run_dir / "checkpoints" / "step00000003" / "adapter" / "adapter_model.safetensors").is_file()
