@@ -30,7 +30,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     print(generate_from_checkpoint(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                                   tokenizer=args.tokenizer, adapter=args.adapter))
+                                   tokenizer=args.tokenizer, adapter=args.adapter, chat=args.chat))
     return 0
 
 
@@ -113,6 +113,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--tokenizer", help="tokenizer folder (default: the one of the training data)")
     p.add_argument("--adapter", help="LoRA adapters to apply: an adapter folder or a LoRA run's checkpoint")
+    p.add_argument("--chat", action="store_true",
+                   help="the prompt is a user's message to a fine-tuned model: render it with the fine-tuning "
+                        "template ('gptscale data prepare-sft'; the tokenizer's chat_template if it has one) and "
+                        "print the answer alone, up to the end-of-turn token")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plot", help="loss curves of a run as a PNG")

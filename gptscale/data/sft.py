@@ -755,3 +755,11 @@ def answer_examples(examples: SFTExamples, n: int) -> list[tuple[list[int], str]
     """(prompt token ids, reference answer) of the first n examples, for exact-match evaluation."""
     return [(examples.ids(i)[:examples.prompt_tokens[i]].tolist(), examples.answers[i])
             for i in range(min(n, len(examples)))]
+
+
+def chat_prompt_ids(tokenizer: TextTokenizer, question: str, template: str = "auto") -> list[int]:
+    """The tokens a fine-tuned model answers `question` after: the conversation [user: question]
+    rendered as for training, up to where the assistant's answer starts."""
+    conversation = [{"role": "user", "content": question}, {"role": "assistant", "content": "."}]
+    example = tokenize_conversations([conversation], tokenizer, choose_template(tokenizer, template))[0]
+    return example.ids[:example.prompt_tokens].tolist()

@@ -12,6 +12,7 @@ from gptscale.checkpoint.read import CheckpointReader
 from gptscale.checkpoint.layout import TOKENIZER, CheckpointMeta
 from gptscale.config import RunConfig, TrainConfig
 from gptscale.convert.tp import split_tp
+from gptscale.data.sft import chat_prompt_ids
 from gptscale.data.shards import matching_tokenizer, read_manifest
 from gptscale.data.tokenizer import TextTokenizer
 from gptscale.errors import ConfigError
@@ -27,18 +28,22 @@ LARGEST_SAMPLED_MODEL = 2_000_000_000  # parameters; bigger ones are not consoli
 def generate_from_checkpoint(checkpoint: str | Path, prompt: str, *, max_new_tokens: int = 64,
                              temperature: float = TrainConfig.sample_temperature,
                              top_k: int | None = TrainConfig.sample_top_k, seed: int = 0,
-                             tokenizer: str | None = None, adapter: str | None = None) -> str:
+                             tokenizer: str | None = None, adapter: str | None = None, chat: bool = False) -> str:
     """`checkpoint`: a training checkpoint (any mode and layout), a canonical folder or a
     Hugging Face folder; `adapter`: LoRA adapters (an adapter folder or a LoRA checkpoint) to
-    apply to it."""
+    apply to it; `chat`: `prompt` is a user's message, rendered with the fine-tuning template
+    (the text is then the answer alone)."""
     cfg, model, tok = load_dense_model(checkpoint, tokenizer, adapter)
-    ids = tok.encode(prompt)
+    ids = chat_prompt_ids(tok, prompt) if chat else tok.encode(prompt)
     if not ids:
         raise ConfigError("--prompt encodes to no tokens; give some text")
     budget = min(max_new_tokens, cfg.model.block_size - len(ids))
     out = generate(model, torch.tensor([ids]), budget, temperature=temperature, top_k=top_k,
-                   generator=torch.Generator().manual_seed(seed), stop_token=tok.eos_id)
-    return tok.decode(out[0].tolist())
+                   generator=torch.Generator().manual_seed(seed), stop_token=tok.eos_id)[0].tolist()
+    if chat:
+        answer = out[len(ids):]
+        return tok.decode(answer[:answer.index(tok.eos_id)] if tok.eos_id in answer else answer)
+    return tok.decode(out)
 
 
 def load_dense_model(checkpoint: str | Path, tokenizer: str | None = None,
