@@ -62,19 +62,23 @@ def sync_filesystem(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_folder(final: str | Path) -> Iterator[Path]:
+def staged_folder(final: str | Path, *, replace: bool = False, make_parents: bool = False) -> Iterator[Path]:
     """A new folder `final`, written as `.NAME.partial-PID` beside it and renamed into place
     only when the block succeeds (removed if it fails): no reader ever sees half of it. An
-    existing `final` is refused, never merged into or replaced."""
+    existing `final` is refused, never merged into; with `replace` (the caller has checked that
+    it may go) it steps aside at the rename and is deleted after. `make_parents` creates the
+    missing parent folders, and removes them again if the block fails."""
     import shutil
 
     from gptscale.errors import ConfigError
 
     final = Path(final)
-    if final.exists():
+    if final.exists() and not replace:
         raise ConfigError(f"output folder {final} already exists; choose a new one or remove it first")
-    if not final.parent.is_dir():
+    missing = [p for p in (final.parent, *final.parent.parents) if not p.exists()]  # nearest first
+    if missing and not make_parents:
         raise ConfigError(f"the folder {final.parent} (parent of the output {final.name}) does not exist")
+    final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.with_name(f".{final.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -82,8 +86,21 @@ def staged_folder(final: str | Path) -> Iterator[Path]:
         yield staging
         for folder, _, _ in os.walk(staging):
             fsync_dir(folder)
-        os.rename(staging, final)
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.rename(final, old)
+            try:
+                os.rename(staging, final)
+            except BaseException:
+                os.rename(old, final)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.rename(staging, final)
         fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in missing:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise

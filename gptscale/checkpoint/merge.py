@@ -10,6 +10,7 @@ from gptscale.checkpoint.adapter import AdapterFolder
 from gptscale.checkpoint.canonical import write_canonical
 from gptscale.checkpoint.convert import open_source
 from gptscale.config import RunConfig
+from gptscale.convert.peft import merged_weight
 from gptscale.errors import ConfigError
 from gptscale.parallel.lora import is_adapter
 
@@ -34,7 +35,7 @@ class MergedSource:
         a, b = self.adapters.get(f"{module}.lora_A.weight"), self.adapters.get(f"{module}.lora_B.weight")
         if a is None or not name.endswith(".weight"):
             return weight
-        return torch.addmm(weight.float(), b.float(), a.float(), alpha=self.scaling).to(weight.dtype)
+        return merged_weight(weight, a, b, self.scaling)
 
 
 def merge_into_canonical(source_path: str | Path, out: str | Path, adapter: str | None = None,

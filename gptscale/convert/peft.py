@@ -34,63 +34,33 @@ from typing import Any
 
 import torch
 
-from gptscale.config import ModelConfig
+from gptscale.config import LoRAConfig, ModelConfig
 from gptscale.convert.hf import _split_qkv, _targets
-from gptscale.convert.tp import canonical_shapes
+from gptscale.convert.tp import canonical_layout
 from gptscale.errors import CheckpointError, ConfigError
+from gptscale.parallel.lora import is_adapter
 
 StateDict = dict[str, torch.Tensor]
 
-# Short target name -> canonical module (inside blocks.{i}., except the head).
-_MODULES = {"qkv": "attn.qkv", "proj": "attn.proj", "up": "mlp.up", "gate": "mlp.gate", "down": "mlp.down",
-            "head": "head"}
-_GROUPS = {"mlp": ("up", "gate", "down")}  # expands to those the family has
 _A, _B = "lora_A.weight", "lora_B.weight"
 _PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM -> LoraModel -> the HF model
 
 
-# -- targets ------------------------------------------------------------------------------
-def _available(cfg: ModelConfig) -> list[str]:
-    """The short names that name a linear of this model, read off the model itself."""
-    shapes = canonical_shapes(cfg)
-    return [t for t, m in _MODULES.items() if (f"{m}.weight" if t == "head" else f"blocks.0.{m}.weight") in shapes]
+# -- targets: which linears are adapted is the adapted model's own answer (parallel.lora) -----
+def _as_text(targets: Sequence[str] | str) -> str:
+    return targets if isinstance(targets, str) else ",".join(targets)
 
 
-def _target_names(cfg: ModelConfig, targets: Sequence[str] | str) -> list[str]:
-    """Targets -> short names, `mlp` expanded, in model order; ConfigError for one that
-    names nothing in this model."""
-    if isinstance(targets, str):  # "qkv,proj,mlp", as in finetune.lora.targets
-        targets = targets.split(",")
-    names = [t.strip() for t in targets if t.strip()]
-    available = _available(cfg)
-    choices = ", ".join([*available, *_GROUPS])
-    if not names:
-        raise ConfigError(f"no lora targets given; choose among {choices}")
-    chosen: set[str] = set()
-    for name in names:
-        if name in _GROUPS:
-            chosen.update(t for t in _GROUPS[name] if t in available)
-        elif name == "head" and cfg.tie_embeddings:
-            raise ConfigError(f"lora target 'head' matches nothing in a {cfg.family} model with tied embeddings "
-                              f"(the token embedding is the output projection); drop 'head' from the targets, "
-                              f"or use a model with model.tie_embeddings=false")
-        elif name in available:
-            chosen.add(name)
-        else:
-            what = "is unknown" if name not in _MODULES else f"matches nothing in a {cfg.family} model"
-            raise ConfigError(f"lora target {name!r} {what}; choose among {choices}")
-    return [t for t in available if t in chosen]
+def adapter_shapes(cfg: ModelConfig, r: int, targets: Sequence[str] | str) -> dict[str, torch.Size]:
+    """Canonical adapter name -> shape, for every adapted linear of every block, in model order
+    (read off the adapted model on the meta device; a target naming nothing is a ConfigError)."""
+    shapes, _ = canonical_layout(cfg, LoRAConfig(rank=r, targets=_as_text(targets)))
+    return {name: shape for name, shape in shapes.items() if is_adapter(name)}
 
 
-def _base_modules(cfg: ModelConfig, targets: Sequence[str] | str) -> dict[str, torch.Size]:
-    """Canonical path of every adapted linear -> its base weight's shape (out, in), model order."""
-    wanted = {_MODULES[t] for t in _target_names(cfg, targets)}
-    out = {}
-    for name, shape in canonical_shapes(cfg).items():
-        module = name.removesuffix(".weight")
-        if name.endswith(".weight") and re.sub(r"^blocks\.\d+\.", "", module) in wanted:
-            out[module] = shape
-    return out
+def _base_modules(cfg: ModelConfig, targets: Sequence[str] | str) -> list[str]:
+    """Canonical path of every adapted linear, in model order."""
+    return list(dict.fromkeys(name.rsplit(".", 2)[0] for name in adapter_shapes(cfg, 1, targets)))
 
 
 def _hf_modules(module: str, cfg: ModelConfig) -> tuple[str, ...]:
@@ -109,16 +79,6 @@ def peft_target_modules(cfg: ModelConfig, targets: Sequence[str] | str) -> list[
             # Drop the layer prefix: transformer.h.0.attn.c_attn -> attn.c_attn; lm_head stays.
             suffixes[re.sub(r"^.*?\.\d+\.", "", path)] = None
     return list(suffixes)
-
-
-def adapter_shapes(cfg: ModelConfig, r: int, targets: Sequence[str] | str) -> dict[str, torch.Size]:
-    """Canonical adapter name -> shape, for every adapted linear of every block, model order."""
-    _check_rank(r)
-    shapes = {}
-    for module, (out_features, in_features) in _base_modules(cfg, targets).items():
-        shapes[f"{module}.{_A}"] = torch.Size((r, in_features))
-        shapes[f"{module}.{_B}"] = torch.Size((out_features, r))
-    return shapes
 
 
 def _check_rank(r: int) -> None:
@@ -218,6 +178,10 @@ def merge_adapter(base: Mapping[str, torch.Tensor], adapters: Mapping[str, torch
             if tuple(adapters[name].shape) != shape:
                 raise CheckpointError(f"adapter tensor {name} has shape {tuple(adapters[name].shape)}, "
                                       f"{weight_name} {tuple(w.shape)} with lora rank {r} expects {shape}")
-        a, b = (adapters[n].to(torch.float32) for n in want)
-        merged[weight_name] = torch.addmm(w.to(torch.float32), b, a, alpha=alpha / r).to(w.dtype)
+        merged[weight_name] = merged_weight(w, adapters[f"{module}.{_A}"], adapters[f"{module}.{_B}"], alpha / r)
     return merged
+
+
+def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + scaling * B @ A, computed in fp32, in W's dtype."""
+    return torch.addmm(weight.to(torch.float32), b.to(torch.float32), a.to(torch.float32), alpha=scaling).to(weight.dtype)

@@ -49,11 +49,9 @@ SFTBatches for the order over epochs, how it splits over DP ranks, and exact res
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +59,7 @@ from typing import Iterator, Union
 
 import numpy as np
 
-from gptscale.atomic import fsync_dir
+from gptscale.atomic import staged_folder
 from gptscale.data.prepare import TOKENIZER_DIR, _copy_tokenizer, is_validation
 from gptscale.data.read import MAX_MEMBER_BYTES, read_shard_records, unsigned_array
 from gptscale.data.shards import (FORMAT, MANIFEST, ShardWriter, npy_bytes, read_manifest, shard_checks,
@@ -347,39 +345,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
                         f"will not replace it; choose another --out")
 
 
-@contextlib.contextmanager
-def _staged(out: Path) -> Iterator[Path]:
-    """A staging folder beside `out`, renamed to `out` only when the block succeeds: a failed
-    run leaves nothing behind, not even the parent folders it created."""
-    missing = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # nearest first
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-        for folder, _, _ in os.walk(staging):
-            fsync_dir(folder)
-        if out.exists():  # --overwrite (checked): the old folder steps aside, then goes
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-            try:
-                os.rename(staging, out)
-            except BaseException:
-                os.rename(old, out)
-                raise
-            shutil.rmtree(old)
-        else:
-            os.rename(staging, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for folder in missing:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
-
-
 def prepare_sft(inputs: list[str], tokenizer_path: str | Path, out_dir: str | Path, *, seq_len: int,
                 val_inputs: list[str] | None = None, val_fraction: float | None = None, template: str = "auto",
                 shard_bytes: int = 64 << 20, overwrite: bool = False, seed: int = 0, progress: bool = True) -> dict:
@@ -391,7 +356,7 @@ def prepare_sft(inputs: list[str], tokenizer_path: str | Path, out_dir: str | Pa
     _check_out(out, overwrite)
     tokenizer = TextTokenizer.load(tokenizer_path)
     renderer = choose_template(tokenizer, template)
-    with _staged(out) as staging:
+    with staged_folder(out, replace=out.exists(), make_parents=True) as staging:
         _copy_tokenizer(Path(tokenizer.path).parent, staging / TOKENIZER_DIR)
         splits, text_bytes = _write_splits(inputs, val_inputs, val_fraction, seed, tokenizer, renderer, staging,
                                            seq_len, shard_bytes, progress)

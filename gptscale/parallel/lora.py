@@ -140,14 +140,19 @@ def initial_a(rank: int, in_features: int, seed: int, name: str) -> torch.Tensor
 def lora_module_names(module_names: list[str], lora: LoRAConfig) -> list[str]:
     """The canonical names of the modules among `module_names` that `lora.targets` adapt; a
     target that matches none of them is an error (a typo, or `gate` in a GPT-2)."""
+    def matches(target: str) -> list[str]:
+        suffixes = _TARGET_MODULES[target]
+        return [n for n in module_names if (n == "head" and "head" in suffixes)
+                or any(n.endswith("." + s) for s in suffixes if s != "head")]
+
     chosen = []
     for target in lora.target_names:
-        suffixes = _TARGET_MODULES[target]
-        matched = [n for n in module_names if n == "head" and "head" in suffixes or
-                   any(n.endswith("." + s) for s in suffixes if s != "head")]
+        matched = matches(target)
         if not matched:
-            raise ConfigError(f"finetune.lora.targets: {target!r} matches no layer of this model (for a gpt2 "
-                              f"model there is no gate, and a tied embedding has no head); drop it")
+            available = ", ".join(t for t in _TARGET_MODULES if matches(t))
+            why = " (with tied embeddings the token embedding is the output projection)" if target == "head" else ""
+            raise ConfigError(f"finetune.lora.targets: {target!r} matches no layer of this model{why}; choose among "
+                              f"{available}")
         chosen += matched
     return sorted(set(chosen), key=module_names.index)
 

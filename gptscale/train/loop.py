@@ -379,7 +379,8 @@ class Trainer:
         if self.is_writer:
             print(f"step {step}: exact match on {len(rows)} held-out prompts {found[0]:.1%}", flush=True)
             for prompt, reference, answer in rows[:3]:
-                print(f"  {prompt[-60:]!r} -> {answer!r} (reference {reference!r})", flush=True)
+                shown = prompt if len(prompt) <= 60 else "..." + prompt[-57:]
+                print(f"  {shown!r} -> {answer!r} (reference {reference!r})", flush=True)
         return found[0]
 
     def sample(self) -> str | None:

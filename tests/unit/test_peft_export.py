@@ -228,11 +228,10 @@ def test_adapters_that_do_not_fit_are_refused(shape):
 def test_targets_the_model_lacks_are_refused():
     gpt2, llama = make_cfg("gpt2-tied"), make_cfg("llama-gqa-untied")
     one_line_error(ConfigError, lambda: adapter_shapes(gpt2, R, ["qkv", "gate"]),
-                   "lora target 'gate' matches nothing in a gpt2 model", "choose among qkv, proj, up, down")
-    one_line_error(ConfigError, lambda: peft_target_modules(gpt2, ["head"]), "'head'", "tied embeddings",
-                   "model.tie_embeddings=false")
-    one_line_error(ConfigError, lambda: adapter_shapes(llama, R, ["attn"]), "lora target 'attn' is unknown")
-    one_line_error(ConfigError, lambda: adapter_shapes(llama, R, []), "no lora targets")
-    one_line_error(ConfigError, lambda: adapter_shapes(llama, 0, ["qkv"]), "r=0")
+                   "'gate' matches no layer of this model", "choose among qkv, proj, up, down, mlp")
+    one_line_error(ConfigError, lambda: peft_target_modules(gpt2, ["head"]), "'head'", "tied embeddings")
+    one_line_error(ConfigError, lambda: adapter_shapes(llama, R, ["attn"]), "'attn' is not a target")
+    one_line_error(ConfigError, lambda: adapter_shapes(llama, R, []), "names no target")
+    one_line_error(ConfigError, lambda: adapter_shapes(llama, 0, ["qkv"]), "rank=0")
     one_line_error(ConfigError, lambda: adapter_to_peft({}, llama, r=R, alpha=ALPHA, dropout=1.0, targets=["qkv"],
                                                         base_model=None), "dropout=1.0")
