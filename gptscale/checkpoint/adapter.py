@@ -62,7 +62,9 @@ def adapter_folder_of(path: str | Path) -> Path:
 class AdapterFolder:
     """An adapter folder, checked: its config, and its tensors against the model they adapt."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, base: ModelConfig | None = None, base_name: str | Path | None = None):
+        """`base`: the model the adapters are for (compared before anything is built from the
+        folder's own claims); None: the model its config describes."""
         self.path = adapter_folder_of(path)
         config_file = self.path / CONFIG_FILE
         if not config_file.is_file() or not (self.path / WEIGHTS_FILE).is_file():
@@ -83,11 +85,13 @@ class AdapterFolder:
             self.model: ModelConfig = from_dict(ModelConfig, meta.get("model"), "model")
         except ConfigError as err:
             raise CheckpointError(f"{config_file}: {err}") from None
-        base, step = meta.get("base"), meta.get("step")
-        self.base = base if isinstance(base, str) else None
+        origin, step = meta.get("base"), meta.get("step")
+        self.base = origin if isinstance(origin, str) else None
         self.step = step if type(step) is int else None
+        if base is not None:
+            self.check_fits(base, base_name or "the base")
         self.weights = ShardedSafetensors(self.path, WEIGHTS_FILE.removesuffix(".safetensors"))
-        shapes, self.table = canonical_layout(self.model, self.lora)
+        shapes, self.table = canonical_layout(base or self.model, self.lora)
         self.shapes = {n: s for n, s in shapes.items() if is_adapter(n)}
         found = set(self.weights.names)
         if found != set(self.shapes):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from gptscale.checkpoint.canonical import CanonicalFile, CanonicalFolder, Source, is_canonical
 from gptscale.checkpoint.hf_folder import HFFolder, is_hf_folder
-from gptscale.checkpoint.layout import COMPLETE
+from gptscale.checkpoint.layout import COMPLETE, TOKENIZER, CheckpointMeta
 from gptscale.checkpoint.read import CheckpointReader
-from gptscale.errors import CheckpointError
+from gptscale.errors import CheckpointError, ConfigError
 
 
 def open_source(path: str | Path) -> Source:
@@ -35,3 +35,29 @@ def open_weights(path: str | Path, model_cfg) -> Source:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     return open_source(path)
+
+
+def tokenizer_sha256_of(path: str | Path) -> str | None:
+    """The sha256 of the tokenizer a source of weights was trained with (its tokenizer.json),
+    or None where it does not say (a single weights file, synthetic data, no tokenizer files)."""
+    from gptscale.data.tokenizer import TextTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if (path / COMPLETE).is_file():
+        return CheckpointMeta.read(path).tokenizer_sha256
+    for folder in (path / TOKENIZER, path):
+        if (folder / "tokenizer.json").is_file():
+            return TextTokenizer.load(folder).sha256
+    return None
+
+
+def check_same_tokenizer(weights: str | Path, tokenizer, data: str | Path) -> None:
+    """One line when the data was tokenized with another tokenizer than the weights learned:
+    with the same vocabulary size nothing else would notice, and training would be garbage."""
+    expected = tokenizer_sha256_of(weights)
+    if expected is not None and tokenizer is not None and tokenizer.sha256 != expected:
+        raise ConfigError(f"data.path={data} was tokenized with another tokenizer (sha256 {tokenizer.sha256[:12]}...) "
+                          f"than train.init_from={weights} was trained with ({expected[:12]}...); prepare the data "
+                          f"with the model's tokenizer (its tokenizer/ folder)")

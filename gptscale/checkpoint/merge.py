@@ -46,8 +46,7 @@ def merge_into_canonical(source_path: str | Path, out: str | Path, adapter: str 
     if adapter is not None:
         if source.cfg.lora is not None:
             raise ConfigError(f"{source_path} already carries LoRA adapters; merge them alone (no --adapter)")
-        folder = AdapterFolder(adapter)
-        folder.check_fits(source.cfg.model, source_path)
+        folder = AdapterFolder(adapter, source.cfg.model, source_path)
         adapters, lora = folder.tensors(), folder.lora
     elif source.cfg.lora is not None:
         lora = source.cfg.lora

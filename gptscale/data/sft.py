@@ -209,11 +209,17 @@ class ChatTemplate:
         return pieces + [(full[done:], False)]
 
 
+MAX_TOKENIZER_CONFIG_BYTES = 4 << 20  # Hugging Face's largest tokenizer configs (added-token tables) are ~1 MB
+
+
 def chat_template_of(folder: Path) -> str | None:
     """The jinja chat_template of a tokenizer folder's tokenizer_config.json, if it has one."""
     file = folder / "tokenizer_config.json"
     if not file.is_file():
         return None
+    if file.stat().st_size > MAX_TOKENIZER_CONFIG_BYTES:
+        raise DataError(f"{file} is {file.stat().st_size:,} bytes; a tokenizer config (chat_template included) is "
+                        f"far smaller, at most {MAX_TOKENIZER_CONFIG_BYTES:,}")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as exc:
@@ -691,14 +697,14 @@ def redeal_sft_state(states: list[dict], step: int) -> dict:
         raise DataError(f"the DP ranks' fine-tuning data states in the checkpoint disagree ({checked[0]} vs "
                         f"{next(s for s in checked if s != checked[0])}); the checkpoint is damaged")
     state = checked[0]
-    steps, partial = divmod(state["position"], state["grad_accum"])
-    if partial:
-        raise DataError(f"the fine-tuning data state was saved in the middle of an optimizer step (position "
-                        f"{state['position']}, grad_accum {state['grad_accum']}); the checkpoint is damaged")
-    if type(step) is not int or not steps <= step:
-        raise DataError(f"the fine-tuning data state counts {steps} optimizer steps, more than the checkpoint's "
-                        f"step {step!r:.20}; the checkpoint is damaged")
-    return {**state, "examples_before": state["examples_before"] + steps * state["global_batch"], "position": 0}
+    # Each micro-step of every DP rank takes global_batch / grad_accum examples. A micro-batch
+    # whose loss was not finite is replaced by the next one (runtime.base), so a run may have
+    # taken more micro-steps than its steps x grad_accum, never fewer.
+    if type(step) is not int or state["position"] < step * state["grad_accum"] and state["examples_before"] == 0:
+        raise DataError(f"the fine-tuning data state counts {state['position']} micro-batches, fewer than the "
+                        f"checkpoint's step {step!r:.20} needs; the checkpoint is damaged")
+    per_micro_step = state["global_batch"] // state["grad_accum"]
+    return {**state, "examples_before": state["examples_before"] + state["position"] * per_micro_step, "position": 0}
 
 
 def validation_batches_sft(examples: SFTExamples, seq_len: int, pad_id: int, micro_batch: int,

@@ -15,6 +15,9 @@ all-reduce of a (rank x in) or (out x rank) matrix per backward, and the replica
 Initialisation does not depend on the TP size: the full A (PEFT's default, uniform in
 +-1/sqrt(in)) is drawn from a generator seeded by (seed, the layer's canonical name) and
 each rank keeps its slice; B starts at zero, so an adapted model starts as its base.
+(Adapter dropout, when set, draws its mask on each rank's input: on the replicated input of
+a column layer the same on every TP rank, on the split input of a row layer per slice, so
+with dropout a TP run is a different random draw from a TP=1 run, not the same one.)
 Every adapter weight carries its split tag (`tp_split`), the table checkpoint merge/split
 and export read. Adapters are added after the model is built (`add_lora`), so every mode
 adapts the same pieces: the whole GPT, a pipeline stage, DeepSpeed's PipelineModule; ZeRO-3

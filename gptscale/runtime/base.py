@@ -217,7 +217,8 @@ class Runtime(abc.ABC):
         micro-batch's loss is divided by: None (its own mean), or under mean_over_step_tokens
         the step's labelled tokens over all DP ranks / (grad_accum x dp). DeepSpeed divides each
         micro-batch's loss by grad_accum and averages gradients over DP, so the step's gradient
-        is then exactly that of the mean over all its labelled tokens."""
+        is then exactly that of the mean over all its labelled tokens. (A micro-batch replaced
+        after a non-finite loss, rare, is not in the count: that step's divisor is off by it.)"""
         micro = [next(batches) for _ in range(self.cfg.train.grad_accum)]
         if not self.ctx.mean_over_step_tokens:
             return micro, None
@@ -226,6 +227,16 @@ class Runtime(abc.ABC):
         dist.all_reduce(labelled, group=self.topo.get_data_parallel_group())
         share = max(labelled.item(), 1.0) / (self.cfg.train.grad_accum * self.topo.layout.dp)
         return micro, torch.tensor(share, dtype=torch.float32, device=self.engine.device)
+
+    def eval_divisor(self, batches: list[Batch]) -> torch.Tensor | None:
+        """`num_valid_tokens` for each held-out batch: None (its own mean), or under
+        mean_over_step_tokens all the batches' labelled tokens / their number, so that the mean
+        of the batches' losses is the mean over every labelled token (every DP rank evaluates
+        the same batches)."""
+        if not self.ctx.mean_over_step_tokens or not batches:
+            return None
+        labelled = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
+        return torch.tensor(max(labelled, 1) / len(batches), dtype=torch.float32, device=self.engine.device)
 
     def on_device(self, batch: Batch) -> Batch:
         """The loader's CPU tensors on this rank's device (DeepSpeed does not move inputs)."""
@@ -263,10 +274,10 @@ class WholeModelRuntime(Runtime):
     @torch.no_grad()
     def evaluate(self, batches) -> float:
         self.engine.eval()
-        losses = []
+        losses, divisor = [], self.eval_divisor(batches)
         for batch in batches:
             input_ids, labels = self.on_device(batch)
-            losses.append(self.engine(input_ids, labels=labels).item())
+            losses.append(self.engine(input_ids, labels=labels, num_valid_tokens=divisor).item())
         self.engine.train()
         return dp_mean(sum(losses) / len(losses), self.topo)
 

@@ -74,7 +74,7 @@ class PipeRuntime(Runtime):
 
     @torch.no_grad()
     def evaluate(self, batches) -> float:
-        self.loss.num_valid_tokens = None  # each held-out batch's own mean
+        self.loss.num_valid_tokens = self.eval_divisor(batches)
         loss = self.engine.eval_batch(iter(batches), num_micro_batches=len(batches))
         self.engine.train()
         self.timer.take()  # evaluation is not part of a training step's bubble

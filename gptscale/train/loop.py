@@ -34,7 +34,7 @@ from gptscale.config import RunConfig
 from gptscale.ds_import import import_deepspeed, on_gpu
 from gptscale.errors import CheckpointError, ConfigError, NonFiniteError, UserError
 from gptscale.launch import check_gpu_present, check_tp_within_node, init_distributed
-from gptscale.model.counting import flops_per_token
+from gptscale.model.counting import count_parameters, flops_per_token
 from gptscale.parallel.primitives import comm_device
 from gptscale.parallel.topology import Topology
 from gptscale.runtime.base import RuntimeContext, rng_state, runtime_class, seed_all, set_rng_state
@@ -43,7 +43,7 @@ from gptscale.scaling.hardware import device_peak_tflops
 from gptscale.train.job import JobDir
 from gptscale.train.metrics import MetricsLogger, peak_memory_gb
 from gptscale.train.answers import exact_match
-from gptscale.train.sample import load_dense_model, sample_from_checkpoint, sample_live
+from gptscale.train.sample import LARGEST_SAMPLED_MODEL, load_dense_model, sample_from_checkpoint, sample_live
 from gptscale.train.tasks import Pretraining, Task
 
 
@@ -164,15 +164,17 @@ class Trainer:
             check_shared_folder(self.run_dir)
         self.resume_from = self._agreed_resume(resume)
         layout = Layout(mode=mode.name, tp=grid.tp, pp=grid.pp, dp=grid.dp)
-        # A checkpoint of another layout, or a fresh run from a canonical folder with optimizer
-        # state: the weights come in as init_from, Adam's state and the position after.
-        self.continue_from = continued_run(self.resume_from, layout, cfg.train.init_from)
-        if resume == "none":
-            self._start_fresh(overwrite_run)
         self.task = task or Pretraining(cfg)
         if self.task.starts_from_weights and self.resume_from is None and not cfg.train.init_from:
             raise ConfigError(f"{self.task.name} starts from a trained model: set train.init_from to a checkpoint, a "
                               f"canonical folder or a Hugging Face folder")
+        # A checkpoint of another layout, or a fresh pretraining run from a canonical folder with
+        # optimizer state: the weights come in as init_from, Adam's state and the position after.
+        # (A task that starts from a trained model takes only its weights.)
+        self.continue_from = continued_run(self.resume_from, layout,
+                                           None if self.task.starts_from_weights else cfg.train.init_from)
+        if resume == "none":
+            self._start_fresh(overwrite_run)
         tokenizer = self.task.tokenizer
         self.checkpoints = RunCheckpoints(self.run_dir, cfg, layout, run_id=self._run_id(), tokenizer_file=tokenizer and tokenizer.path,
                                           tokenizer_sha256=tokenizer and tokenizer.sha256)
@@ -274,8 +276,7 @@ class Trainer:
         if step == 0 and t.eval_every:  # the baseline the validation curve falls from
             result.val_losses[0] = self._evaluate(held_out, 0, metrics, bar, "(before training)")
         answers = self.task.answer_examples()
-        live = self.runtime.generation_model() is not None
-        if step == 0 and answers and (live or Path(cfg.train.init_from).is_dir()):  # the score fine-tuning starts from
+        if step == 0 and answers:  # the score fine-tuning starts from
             result.exact_match_before = self.score_answers(answers, 0, metrics, cfg.train.init_from)
         if resumed is not None and resumed.rng is None:  # another layout: no rank's RNG to continue
             seed_all(cfg.train.seed + 1000 * self.topo.coords.dp + 1 + 7919 * step)
@@ -335,7 +336,9 @@ class Trainer:
             if self.is_writer:
                 print(f"sample ({t.sample_tokens} tokens after {t.sample_prompt!r}):\n{result.sample}", flush=True)
         if not result.stopped_by_signal and answers:
-            result.exact_match = self.score_answers(answers, step, metrics, self.checkpoints.complete()[-1])
+            final = self.checkpoints.complete()[-1:]  # this step's, unless non-finite steps kept it from saving
+            saved = final[0] if final and CheckpointMeta.read(final[0]).step == step else None
+            result.exact_match = self.score_answers(answers, step, metrics, saved)
         metrics.close()
         return result
 
@@ -363,18 +366,24 @@ class Trainer:
         return path
 
     def score_answers(self, answers: list[tuple[list[int], str]], step: int, metrics: MetricsLogger,
-                      weights: str | Path) -> float:
+                      weights: str | Path | None) -> float | None:
         """Exact match of greedy answers to held-out prompts, from the live model where the mode
         allows, else on rank 0 from `weights` (the model's current weights as files: the final
-        checkpoint, or init_from before training); the same value on every rank."""
+        checkpoint, or init_from before training); the same value on every rank, or None (and a
+        note) where it cannot be scored: the model is too large to load on one rank, or there
+        are no such files. A failure on rank 0 reaches every rank (none is left waiting)."""
         tokenizer, budget = self.task.tokenizer, self.cfg.finetune.answer_tokens
         model = self.runtime.generation_model()
+        found: list = [None, None]  # score, why not
         if model is not None:
-            score, rows = exact_match(model, answers, tokenizer, budget, self.runtime.engine.device)
+            found[0], rows = exact_match(model, answers, tokenizer, budget, self.runtime.engine.device)
         elif self.is_writer:
-            score, rows = exact_match(load_dense_model(weights)[1], answers, tokenizer, budget, torch.device("cpu"))
-        found = [score if self.is_writer else None]
+            found, rows = self._score_from_files(answers, weights)
         dist.broadcast_object_list(found, src=0)
+        if found[1] is not None:
+            if self.is_writer:
+                print(f"step {step}: exact match not scored: {found[1]}", flush=True)
+            return None
         metrics.log({"step": step, "val_exact_match": found[0]})
         if self.is_writer:
             print(f"step {step}: exact match on {len(rows)} held-out prompts {found[0]:.1%}", flush=True)
@@ -382,6 +391,20 @@ class Trainer:
                 shown = prompt if len(prompt) <= 60 else "..." + prompt[-57:]
                 print(f"  {shown!r} -> {answer!r} (reference {reference!r})", flush=True)
         return found[0]
+
+    def _score_from_files(self, answers, weights) -> tuple[list, list]:
+        """([score, None], rows) or ([None, why not], []) on rank 0, from a model loaded whole."""
+        if weights is None or not Path(weights).is_dir():
+            return [None, f"no checkpoint or folder to load the model from ({weights})"], []
+        if count_parameters(self.cfg.model).total > LARGEST_SAMPLED_MODEL:
+            return [None, f"the model is too large to load on one rank; run gptscale generate --chat on {weights}"], []
+        try:
+            model = load_dense_model(weights, tokenizer=str(Path(self.task.tokenizer.path).parent))[1]
+            score, rows = exact_match(model, answers, self.task.tokenizer, self.cfg.finetune.answer_tokens,
+                                      torch.device("cpu"))
+            return [score, None], rows
+        except UserError as err:
+            return [None, str(err)], []
 
     def sample(self) -> str | None:
         """The closing sample, on rank 0 (None elsewhere when only rank 0 generates)."""

@@ -65,8 +65,7 @@ def load_dense_model(checkpoint: str | Path, tokenizer: str | None = None,
         if lora is not None:
             raise ConfigError(f"{checkpoint} already carries LoRA adapters; give a base (or 'gptscale lora merge' "
                               f"it first) to apply --adapter {adapter}")
-        folder = AdapterFolder(adapter)
-        folder.check_fits(cfg.model, checkpoint)
+        folder = AdapterFolder(adapter, cfg.model, checkpoint)
         lora = folder.lora
         weights.update(folder.tensors())
     if lora is not None:

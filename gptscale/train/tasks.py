@@ -14,6 +14,7 @@ from typing import Iterable
 import torch.distributed as dist
 
 from gptscale.checkpoint.adapter import CHECKPOINT_SUBFOLDER, write_adapter
+from gptscale.checkpoint.convert import check_same_tokenizer
 from gptscale.config import RunConfig
 from gptscale.data import sft
 from gptscale.errors import ConfigError
@@ -71,6 +72,9 @@ class Pretraining(Task):
         if cfg.data.path is not None and sft.is_sft_folder(cfg.data.path):
             raise ConfigError(f"data.path={cfg.data.path} holds fine-tuning examples ('gptscale data prepare-sft'); "
                               f"fine-tune with 'gptscale finetune', or pretrain on a 'gptscale data prepare' folder")
+        if cfg.lora is not None:
+            raise ConfigError("finetune.method=lora is for 'gptscale finetune'; pretraining trains every weight "
+                              "(set finetune.method=full or drop the finetune section)")
         super().__init__(cfg)
 
     def train_batches(self, dp_rank: int, dp_size: int):
@@ -99,13 +103,18 @@ class FineTuning(Task):
                               f"with 'gptscale data prepare-sft'")
         super().__init__(cfg)
         self.lora = cfg.lora
+        if cfg.train.init_from:
+            check_same_tokenizer(cfg.train.init_from, self.tokenizer, cfg.data.path)
+        self._splits: dict[str, sft.SFTExamples] = {}
 
     @functools.cached_property
     def _pad_id(self) -> int:
         return self.tokenizer.pad_id
 
-    def _split(self, split: str):
-        return sft.load_sft_split(self.cfg.data.path, split)
+    def _split(self, split: str) -> sft.SFTExamples:
+        if split not in self._splits:  # read (and checked) once
+            self._splits[split] = sft.load_sft_split(self.cfg.data.path, split)
+        return self._splits[split]
 
     def train_batches(self, dp_rank: int, dp_size: int):
         t = self.cfg.train

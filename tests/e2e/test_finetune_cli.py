@@ -115,3 +115,30 @@ def test_a_tampered_adapter_is_one_line_and_touches_nothing(made, tmp_path):
     one_line_error(done, "adapter_config.json: not valid JSON")
     assert fingerprint(ckpt) == {**before, config.relative_to(ckpt): fingerprint(ckpt)[config.relative_to(ckpt)]}
     assert not (tmp_path / "out").exists()
+
+
+def test_fine_tuning_from_a_folder_with_optimizer_state_starts_afresh(made, tmp_path):
+    """A canonical folder written with --with-optimizer continues its own pretraining run; a
+    fine-tuning run from it takes its weights only (not its step, Adam's state or data)."""
+    folder = tmp_path / "with-optimizer"
+    done = gptscale("convert", "consolidate", "--with-optimizer", "--quiet", str(made["base"]), str(folder))
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = _finetune(made, tmp_path / "run", "--set", f"train.init_from={folder}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" not in done.stdout and "step 2: exact match" in done.stdout, done.stdout[-2000:]
+
+
+def test_data_of_another_tokenizer_than_the_model_s_is_refused(made, tmp_path):
+    folder = tmp_path / "base-with-tokenizer"
+    done = gptscale("convert", "consolidate", "--quiet", str(made["base"]), str(folder))
+    assert done.returncode == 0, done.stderr[-2000:]
+    train_tokenizer([text for _, text in embedded_documents("pydoc")][100:160], 350, folder / "tokenizer")
+    done = _finetune(made, tmp_path / "run", "--set", f"train.init_from={folder}")
+    one_line_error(done, "tokenized with another tokenizer", "prepare the data with the model's tokenizer")
+    assert not (tmp_path / "run").exists()
+
+
+def test_pretraining_with_lora_is_refused(made, tmp_path):
+    done = gptscale("train", *SMALL, "--set", "data.synthetic=true", "--set", "finetune.method=lora",
+                    "--set", f"train.out_dir={tmp_path / 'r'}")
+    one_line_error(done, "finetune.method=lora is for 'gptscale finetune'")

@@ -413,10 +413,11 @@ def test_layout_and_redeal_mismatches_are_refused():
     loader.load_state_dict({**GOOD, "global_batch": 8, "grad_accum": 2, "position": 0})  # nothing to re-count
     with pytest.raises(DataError, match="disagree"):
         redeal_sft_state([GOOD, {**GOOD, "position": 4}], 5)
-    with pytest.raises(DataError, match="middle of an optimizer step"):
-        redeal_sft_state([{**GOOD, "grad_accum": 2, "global_batch": 8}], 5)
-    with pytest.raises(DataError, match="more than the checkpoint's step 2"):
-        redeal_sft_state([GOOD], 2)
+    # A replaced (non-finite) micro-batch leaves the position mid-step: every example taken counts.
+    mid_step = redeal_sft_state([{**GOOD, "examples_before": 0, "grad_accum": 2, "global_batch": 8}], 1)
+    assert mid_step["examples_before"] == 3 * 4 and mid_step["position"] == 0
+    with pytest.raises(DataError, match="fewer than the checkpoint's step 4 needs"):
+        redeal_sft_state([{**GOOD, "examples_before": 0}], 4)
     with pytest.raises(DataError, match="no fine-tuning data state"):
         redeal_sft_state([], 2)
 

@@ -148,13 +148,13 @@ class PipeZero3Runtime(ZeroStage3, Runtime):
     @torch.no_grad()
     def evaluate(self, batches) -> float:
         self.engine.eval()
-        losses = []
+        losses, divisor = [], self.eval_divisor(batches)
         for batch in batches:  # fill and drain per batch: evaluation is small
             input_ids, labels = self.on_device(batch)
             x = input_ids if self.is_first else self._recv_forward()
             out = self.engine(x)
             if self.is_last:
-                losses.append(lm_loss(out, labels, self.topo.tp_group).item())
+                losses.append(lm_loss(out, labels, self.topo.tp_group, divisor).item())
             else:
                 self._send(out, self.p2p.next)
         self.engine.train()
