@@ -36,7 +36,7 @@ from gptscale.convert.tp import canonical_shapes
 
 StateDict = dict[str, torch.Tensor]
 
-# Canonical module -> HF module; "{i}" is the layer. Llama's attn.qkv is split in _targets.
+# Canonical module -> HF module; "{i}" is the layer. Llama's attn.qkv is split in hf_targets.
 _HF_MODULES = {
     "gpt2": {
         "embed": "transformer.wte", "pos_embed": "transformer.wpe", "norm_f": "transformer.ln_f",
@@ -172,7 +172,7 @@ def _check_exportable(cfg: ModelConfig) -> None:
 # -- names and shapes ---------------------------------------------------------------------
 def hf_names(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
     """Canonical name -> the HF tensors it becomes (and is rebuilt from), in model order."""
-    return {name: _targets(name, cfg) for name in canonical_shapes(cfg)}
+    return {name: hf_targets(name, cfg) for name in canonical_shapes(cfg)}
 
 
 def hf_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
@@ -195,7 +195,7 @@ def _parse(name: str) -> tuple[int | None, str, str]:
     return None, module, kind
 
 
-def _targets(name: str, cfg: ModelConfig) -> tuple[str, ...]:
+def hf_targets(name: str, cfg: ModelConfig) -> tuple[str, ...]:
     _check_exportable(cfg)
     layer, module, kind = _parse(name)
     if module not in _HF_MODULES[cfg.family]:
@@ -211,11 +211,11 @@ def _targets(name: str, cfg: ModelConfig) -> tuple[str, ...]:
 # -- one tensor at a time -----------------------------------------------------------------
 def tensor_to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> StateDict:
     """One canonical tensor -> its HF tensors (names as in `hf_names(cfg)[name]`)."""
-    targets = _targets(name, cfg)
+    targets = hf_targets(name, cfg)
     _, module, kind = _parse(name)
     parts = [tensor]
     if module == "attn.qkv":
-        q, k, v = _split_qkv(tensor, cfg)
+        q, k, v = split_qkv(tensor, cfg)
         parts = [q, k, v] if cfg.family == "llama" else [torch.cat([q, k, v])]
     if cfg.family == "gpt2" and module in _GPT2_CONV1D and kind == "weight":
         parts = [p.t() for p in parts]
@@ -227,7 +227,7 @@ def tensor_to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> StateDict
 def tensor_from_hf(name: str, hf_tensors: Mapping[str, torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
     """One canonical tensor, rebuilt from the HF tensors `hf_names(cfg)[name]` (any mapping that
     has them, e.g. a lazy reader of a safetensors file)."""
-    targets = _targets(name, cfg)
+    targets = hf_targets(name, cfg)
     _, module, kind = _parse(name)
     parts = [hf_tensors[t] for t in targets]
     if cfg.family == "gpt2" and not cfg.bias and module not in _GPT2_NO_BIAS:
@@ -244,7 +244,7 @@ def tensor_from_hf(name: str, hf_tensors: Mapping[str, torch.Tensor], cfg: Model
     return parts[0].clone(memory_format=torch.contiguous_format)
 
 
-def _split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused rows grouped per kv head -> (q, k, v) rows, each head-major (HF's order)."""
     per_kv = cfg.n_head // cfg.n_kv_head
     groups = qkv.view(cfg.n_kv_head, per_kv + 2, cfg.head_dim, *qkv.shape[1:])
@@ -255,7 +255,7 @@ def _split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch
 
 
 def _merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """Inverse of `_split_qkv`."""
+    """Inverse of `split_qkv`."""
     per_kv, rest = cfg.n_head // cfg.n_kv_head, q.shape[1:]
     groups = torch.cat([q.reshape(cfg.n_kv_head, per_kv, cfg.head_dim, *rest),
                         k.reshape(cfg.n_kv_head, 1, cfg.head_dim, *rest),

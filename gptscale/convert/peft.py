@@ -19,7 +19,7 @@ Conventions:
   transposes B @ A when PEFT merges).
 - The fused QKV adapter: A x is shared by q, k and v, so Llama's q_proj / k_proj / v_proj each
   get the whole A and their rows of B; GPT-2's c_attn gets A and B's rows reordered to
-  [q; k; v], exactly as the base weight's rows are (`convert.hf._split_qkv`).
+  [q; k; v], exactly as the base weight's rows are (`convert.hf.split_qkv`).
 - Returned tensors own their (contiguous) memory: a dict goes straight to
   `safetensors.torch.save_file`.
 
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from gptscale.config import LoRAConfig, ModelConfig
-from gptscale.convert.hf import _split_qkv, _targets
+from gptscale.convert.hf import split_qkv, hf_targets
 from gptscale.convert.tp import canonical_layout
 from gptscale.errors import CheckpointError, ConfigError
 from gptscale.parallel.lora import is_adapter
@@ -65,8 +65,8 @@ def _base_modules(cfg: ModelConfig, targets: Sequence[str] | str) -> list[str]:
 
 def _hf_modules(module: str, cfg: ModelConfig) -> tuple[str, ...]:
     """Canonical module path -> the HF module path(s) holding its weight (llama qkv: q, k, v)."""
-    # _targets names the weights (and, for bias-free gpt2, a zero bias riding along).
-    return tuple(t.removesuffix(".weight") for t in _targets(f"{module}.weight", cfg) if t.endswith(".weight"))
+    # hf_targets names the weights (and, for bias-free gpt2, a zero bias riding along).
+    return tuple(t.removesuffix(".weight") for t in hf_targets(f"{module}.weight", cfg) if t.endswith(".weight"))
 
 
 def peft_target_modules(cfg: ModelConfig, targets: Sequence[str] | str) -> list[str]:
@@ -105,7 +105,7 @@ def adapter_to_peft(adapters: Mapping[str, torch.Tensor], cfg: ModelConfig, *, r
         paths = _hf_modules(module, cfg)
         bs = [b]
         if module.endswith("attn.qkv"):
-            q, k, v = _split_qkv(b, cfg)  # B's rows are output rows: split like the base weight
+            q, k, v = split_qkv(b, cfg)  # B's rows are output rows: split like the base weight
             bs = [q, k, v] if cfg.family == "llama" else [torch.cat([q, k, v])]
         for path, b_part in zip(paths, bs, strict=True):
             # Every part gets the whole A: the q, k and v rows all read the same A x.

@@ -104,7 +104,7 @@ def _clear_output(out: Path, overwrite: bool) -> None:
         p.unlink()
 
 
-def _copy_tokenizer(source: Path, target: Path) -> None:
+def copy_tokenizer(source: Path, target: Path) -> None:
     """The tokenizer's JSON files (tokenizer.json and its configs) into a new folder `target`."""
     shutil.copytree(source, target, ignore=lambda d, names: [n for n in names if not n.endswith(".json")])
 
@@ -113,7 +113,7 @@ def _install_tokenizer(source: Path, out: Path) -> None:
     """OUT/tokenizer replaced by a copy of `source`, by rename (an old one is removed only after)."""
     staged = out / f"{TOKENIZER_DIR}.tmp-{os.getpid()}"
     shutil.rmtree(staged, ignore_errors=True)
-    _copy_tokenizer(source, staged)
+    copy_tokenizer(source, staged)
     old = out / f"{TOKENIZER_DIR}.old-{os.getpid()}"
     if (out / TOKENIZER_DIR).exists():
         os.replace(out / TOKENIZER_DIR, old)
@@ -132,7 +132,7 @@ def prepare(inputs: list[str], tokenizer_path: str, out_dir: str | Path, *, shar
     options = options or ReadOptions()
     with tempfile.TemporaryDirectory(prefix="gptscale-tokenizer-") as aside:
         # The tokenizer may live inside OUT (OUT/tokenizer): work from a copy made before OUT is touched.
-        _copy_tokenizer(Path(TextTokenizer.load(tokenizer_path).path).parent, Path(aside) / TOKENIZER_DIR)
+        copy_tokenizer(Path(TextTokenizer.load(tokenizer_path).path).parent, Path(aside) / TOKENIZER_DIR)
         tokenizer = TextTokenizer.load(Path(aside) / TOKENIZER_DIR)
         return _prepare(inputs, tokenizer, Path(out_dir), shard_bytes, val_fraction, workers, options, overwrite,
                         progress)

@@ -60,11 +60,11 @@ from typing import Iterator, Union
 import numpy as np
 
 from gptscale.atomic import staged_folder
-from gptscale.data.prepare import TOKENIZER_DIR, _copy_tokenizer, is_validation
+from gptscale.data.prepare import TOKENIZER_DIR, copy_tokenizer, is_validation
 from gptscale.data.read import MAX_MEMBER_BYTES, read_shard_records, unsigned_array
 from gptscale.data.shards import (FORMAT, MANIFEST, ShardWriter, npy_bytes, read_manifest, shard_checks,
                                   shard_info_dicts, token_dtype, write_manifest)
-from gptscale.data.sources import _open_text
+from gptscale.data.sources import open_text
 from gptscale.data.tokenizer import TextTokenizer
 from gptscale.errors import DataError
 
@@ -309,7 +309,7 @@ def read_records(path: str) -> Iterator[tuple[str, int, list[dict], int]]:
         raise DataError(f"{path}: no such file; --input and --val-input take JSON lines files")
     number, found = 0, False
     try:
-        with _open_text(file) as lines:
+        with open_text(file) as lines:
             for number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
@@ -363,7 +363,7 @@ def prepare_sft(inputs: list[str], tokenizer_path: str | Path, out_dir: str | Pa
     tokenizer = TextTokenizer.load(tokenizer_path)
     renderer = choose_template(tokenizer, template)
     with staged_folder(out, replace=out.exists(), make_parents=True) as staging:
-        _copy_tokenizer(Path(tokenizer.path).parent, staging / TOKENIZER_DIR)
+        copy_tokenizer(Path(tokenizer.path).parent, staging / TOKENIZER_DIR)
         splits, text_bytes = _write_splits(inputs, val_inputs, val_fraction, seed, tokenizer, renderer, staging,
                                            seq_len, shard_bytes, progress)
         manifest = _manifest(inputs, val_inputs, val_fraction, seed, tokenizer, renderer, seq_len, splits, text_bytes)

@@ -108,7 +108,7 @@ def _files_for(spec: str) -> list[Path]:
     return [p for p in matches if p.name.endswith(SUPPORTED)]
 
 
-def _open_text(file: Path) -> io.TextIOBase:
+def open_text(file: Path) -> io.TextIOBase:
     raw: io.BufferedIOBase
     if file.name.endswith(".gz"):
         raw = gzip.open(file, "rb")
@@ -140,7 +140,7 @@ def _read_file(file: Path, options: ReadOptions) -> Iterator[tuple[str, str]]:
 
 
 def _read_txt(file: Path, options: ReadOptions) -> Iterator[tuple[str, str]]:
-    with _open_text(file) as f:
+    with open_text(file) as f:
         if options.txt_mode == "file":
             yield str(file), f.read()
         elif options.txt_mode == "line":
@@ -174,7 +174,7 @@ def _text_of(record: object, where: str, source: str, options: ReadOptions) -> s
 
 
 def _read_jsonl(file: Path, options: ReadOptions) -> Iterator[tuple[str, str]]:
-    with _open_text(file) as f:
+    with open_text(file) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -190,7 +190,7 @@ def _read_jsonl(file: Path, options: ReadOptions) -> Iterator[tuple[str, str]]:
 
 
 def _read_json(file: Path, options: ReadOptions) -> Iterator[tuple[str, str]]:
-    with _open_text(file) as f:
+    with open_text(file) as f:
         try:
             data = json.load(f)
         except json.JSONDecodeError as exc:
