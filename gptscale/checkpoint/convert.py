@@ -18,7 +18,7 @@ def open_source(path: str | Path) -> Source:
         raise CheckpointError(f"{path} is not a folder; pass a RUN/checkpoints/stepNNNNNNNN checkpoint, a canonical "
                               f"folder ('gptscale convert consolidate') or a Hugging Face model folder")
     if (path / COMPLETE).is_file():
-        return CheckpointReader(path)
+        return CheckpointReader(path, open_base=open_weights)
     if is_canonical(path):
         return CanonicalFolder(path)
     if is_hf_folder(path):
@@ -61,3 +61,10 @@ def check_same_tokenizer(weights: str | Path, tokenizer, data: str | Path) -> No
         raise ConfigError(f"data.path={data} was tokenized with another tokenizer (sha256 {tokenizer.sha256[:12]}...) "
                           f"than train.init_from={weights} was trained with ({expected[:12]}...); prepare the data "
                           f"with the model's tokenizer (its tokenizer/ folder)")
+
+
+def consolidate(path: str | Path) -> tuple:
+    """(the run config, canonical fp32 weights) of the checkpoint folder `path`, all in memory
+    (for `generate` and tests; `gptscale convert` streams instead)."""
+    reader = open_source(path)
+    return reader.cfg, dict(reader.items())

@@ -33,7 +33,7 @@ from gptscale.config import RunConfig
 from gptscale.convert.tp import canonical_layout, merge_tensor
 from gptscale.parallel.lora import is_adapter
 from gptscale.ds_import import load_without_code
-from gptscale.errors import CheckpointError
+from gptscale.errors import CheckpointError, UserError
 from gptscale.model.stages import StageLayer, StageModule, layers_with_parameters, stage_bounds, stage_layers
 from gptscale.modes import CheckpointFiles
 from gptscale.parallel.topology import TPGroup
@@ -208,7 +208,9 @@ class ZeroEngineFiles:
 class CheckpointReader:
     """A training checkpoint folder of any mode and layout, as canonical tensors on demand."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, open_base=None):
+        """`open_base(path, model_cfg)`: opens the base weights a LoRA run's checkpoint leaves out
+        (checkpoint.convert.open_weights; `open_source` passes it)."""
         self.path = Path(path)
         self.meta = CheckpointMeta.read(self.path)
         self.layout: Layout = self.meta.layout
@@ -242,12 +244,35 @@ class CheckpointReader:
             engines = [ZeroEngineFiles(self.path, t, self.layout.dp) for t in range(tp)]
             for local in engines[0].names():
                 self._sources[local.removeprefix("module.")] = [(e, local) for e in engines]
-        missing = [n for n in self.shapes if n not in self._sources]
+        self._base = self._lora_base(open_base) if self.cfg.lora is not None else None
+        missing = [n for n in self.shapes if n not in self._sources and (self._base is None or n not in self._base.shapes)]
         unexpected = [n for n in self._sources if n not in self.shapes]
         if missing or unexpected:
             raise CheckpointError(f"{self.path}: its files do not hold the weights of the model in {CONFIG} "
                                   f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. "
                                   f"{unexpected[:2]}); the config and the files come from different runs")
+
+    def _lora_base(self, open_base):
+        """A LoRA run's checkpoint holds the adapters alone (runtime.base.save_native); its frozen
+        base is the run's train.init_from, read from there."""
+        origin = self.cfg.train.init_from
+        if open_base is None:
+            raise CheckpointError(f"{self.path} holds LoRA adapters only; open it with checkpoint.convert.open_source, "
+                                  f"which reads its base too")
+        if not origin:
+            raise CheckpointError(f"{self.path}: a LoRA checkpoint whose {CONFIG} names no train.init_from; its base "
+                                  f"weights are nowhere")
+        try:
+            base = open_base(origin, self.cfg.model)
+        except UserError as err:
+            raise CheckpointError(f"{self.path} holds LoRA adapters only; its base, train.init_from={origin}, cannot be "
+                                  f"read ({err}); put the base back there, or pass the adapters alone ('generate "
+                                  f"--adapter', 'convert to-hf --adapter')") from None
+        wrong = [n for n, shape in base.shapes.items() if n in self.shapes and tuple(shape) != tuple(self.shapes[n])]
+        if wrong:
+            raise CheckpointError(f"{self.path}: its base train.init_from={origin} has {wrong[0]} of shape "
+                                  f"{tuple(base.shapes[wrong[0]])}, the run's model {tuple(self.shapes[wrong[0]])}")
+        return base
 
     def _index_pipeline_layers(self, layers: list[StageLayer], tp: int) -> None:
         for index in layers_with_parameters(layers):
@@ -302,6 +327,10 @@ class CheckpointReader:
         """The canonical (TP-merged, unpadded) fp32 `name`, of `kind`: "fp32" the weights,
         "master" the optimizer's master weights (the same values unless training was bf16),
         "exp_avg" or "exp_avg_sq" Adam's moments."""
+        if name not in self._sources and self._base is not None:  # a LoRA run's frozen base
+            if kind != "fp32":
+                raise CheckpointError(f"{self.path}: {name} is frozen in this LoRA run; it has no {kind}")
+            return self._base.tensor(name)
         sources = self._sources if kind == "fp32" else self._optimizer_sources()
         pieces = [files.tensor(local, kind) for files, local in sources[name]]
         merged = merge_tensor(pieces, self.table[name], self.cfg.model.vocab_size)
@@ -331,10 +360,3 @@ class _PipelineLayerFile:
         out = stored.float().clone()
         release_pages(stored)
         return out
-
-
-def consolidate(path: str | Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:
-    """(the run config, canonical fp32 weights) of the checkpoint folder `path`, all in memory
-    (for `generate` and tests; `gptscale convert` streams instead)."""
-    reader = CheckpointReader(path)
-    return reader.cfg, dict(reader.items())

@@ -118,12 +118,16 @@ class Runtime(abc.ABC):
 
     # -- shared by every mode ---------------------------------------------------------------
     def save_native(self, ckpt: Path, step: int) -> None:
+        """DeepSpeed's files of this rank. A LoRA run's frozen base is left out: it never changes,
+        and train.init_from holds it (a resume reads it from there again)."""
         folder, tag = engine_location(self.ctx.mode.checkpoint_files, ckpt, self.stage)
-        self.engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step}, save_latest=False)
+        self.engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step}, save_latest=False,
+                                    exclude_frozen_parameters=self.cfg.lora is not None)
 
     def load_native(self, ckpt: Path) -> None:
         folder, tag = engine_location(self.ctx.mode.checkpoint_files, ckpt, self.stage)
-        self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+                                    load_module_strict=self.cfg.lora is None)
 
     def load_resharded(self, source, step: int, adam_step: int) -> None:
         """Continue from `source`, a checkpoint of another layout read as canonical tensors: Adam's

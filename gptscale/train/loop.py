@@ -193,14 +193,13 @@ class Trainer:
 
     def _starting_weights(self) -> str | None:
         """Where the model's weights come from before DeepSpeed's own files (if any) are loaded:
-        a checkpoint of another layout; for a LoRA run resumed, its checkpoint (DeepSpeed
-        restores the trained adapters, not necessarily the frozen base, so the base comes
-        from the same files: a resumed run needs nothing outside them); else train.init_from
-        for a fresh run."""
+        a checkpoint of another layout (a LoRA run's: its adapters, and its base from its
+        train.init_from); for a LoRA run resumed, train.init_from (its checkpoints hold the
+        adapters alone, the frozen base never changes); else train.init_from for a fresh run."""
         if self.continue_from is not None:
             return str(self.continue_from)
         if self.resume_from is not None:
-            return str(self.resume_from) if self.cfg.lora is not None else None
+            return self.cfg.train.init_from if self.cfg.lora is not None else None
         return self.cfg.train.init_from
 
     def _agreed_resume(self, resume: str) -> Path | None:
@@ -418,9 +417,13 @@ class Trainer:
 
 
 def _with_absolute_data_path(cfg: RunConfig) -> RunConfig:
-    if cfg.data.path is None:
-        return cfg
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(Path(cfg.data.path).resolve())))
+    """The data folder and the starting weights by absolute path: config.yaml and checkpoints
+    name them wherever they are read (a LoRA checkpoint finds its base through init_from)."""
+    if cfg.data.path is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(Path(cfg.data.path).resolve())))
+    if cfg.train.init_from:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(Path(cfg.train.init_from).resolve())))
+    return cfg
 
 
 def continued_run(resume_from: Path | None, layout: Layout, init_from: str | None) -> Path | None:

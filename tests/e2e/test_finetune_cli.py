@@ -142,3 +142,20 @@ def test_pretraining_with_lora_is_refused(made, tmp_path):
     done = gptscale("train", *SMALL, "--set", "data.synthetic=true", "--set", "finetune.method=lora",
                     "--set", f"train.out_dir={tmp_path / 'r'}")
     one_line_error(done, "finetune.method=lora is for 'gptscale finetune'")
+
+
+def test_a_lora_checkpoint_whose_base_is_gone_names_it(made, tmp_path):
+    """A LoRA checkpoint holds the adapters alone; its base is train.init_from (by absolute path)."""
+    base = tmp_path / "base"
+    shutil.copytree(made["base"], base)
+    run = tmp_path / "run"
+    done = _finetune(made, run, "--set", f"train.init_from={base}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = run / "checkpoints" / "step00000002"
+    shutil.rmtree(base)
+    done = gptscale("lora", "merge", str(ckpt), str(tmp_path / "out"))
+    one_line_error(done, "holds LoRA adapters only", f"train.init_from={base}", "put the base back")
+    done = gptscale("convert", "to-hf", "--adapter", str(ckpt), str(tmp_path / "peft"))  # the adapters alone still go
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = _finetune(made, run, "--set", "train.steps=3", "--set", f"train.init_from={base}")
+    one_line_error(done, str(base))

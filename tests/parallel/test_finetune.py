@@ -17,7 +17,6 @@ from gptscale.checkpoint.adapter import AdapterFolder
 from gptscale.checkpoint.merge import merge_into_canonical
 from gptscale.checkpoint.peft_folder import write_peft
 from gptscale.checkpoint.hf_folder import write_hf
-from gptscale.checkpoint.read import CheckpointReader
 from gptscale.checkpoint.convert import open_source
 from gptscale.data.sft import prepare_sft
 from gptscale.data.sources import embedded_documents
@@ -104,21 +103,25 @@ def test_a_lora_checkpoint_resumes_at_its_layout_and_at_another(runs):
 
 @pytest.mark.parametrize("name, family", [("a", "llama"), ("pipe_zero3", "llama"), ("at_pipe", "llama"),
                                           ("gpt2_pipe", "gpt2")])
-def test_only_the_adapters_change(runs, name, family):
-    tmp, _, init = runs
+def test_only_the_adapters_change_and_only_they_are_saved(runs, name, family):
+    tmp, r, init = runs
     from safetensors.torch import load_file
 
+    # Every rank's shards of the frozen base are bitwise what they were before training.
+    assert r[name]["frozen"] > 0 and r[name]["frozen_unchanged"], r[name]
     start = load_file(init[family])
-    reader = CheckpointReader(final(tmp, name))
-    adapters = [n for n in reader.names if is_adapter(n)]
-    assert adapters and set(reader.names) - set(adapters) == set(start)
-    for n in start:
-        assert torch.equal(reader.tensor(n), start[n].float()), n
-    assert all(reader.tensor(n).abs().sum() > 0 for n in adapters if ".lora_B." in n)
-    # The adapter folder holds the same adapters, alone, and little else.
+    source = open_source(final(tmp, name))  # the adapters from the checkpoint, the base from init_from
+    adapters = [n for n in source.names if is_adapter(n)]
+    assert adapters and set(source.names) - set(adapters) == set(start)
+    assert all(source.tensor(n).abs().sum() > 0 for n in adapters if ".lora_B." in n)
+    # DeepSpeed's files hold the adapters and their optimizer state, not the frozen base.
+    deepspeed_bytes = sum(f.stat().st_size for f in final(tmp, name).rglob("*.pt"))
+    base_bytes = sum(t.numel() * 4 for t in start.values())
+    assert deepspeed_bytes < base_bytes / 2, (deepspeed_bytes, base_bytes)
+    # The adapter folder holds the same adapters, alone.
     folder = AdapterFolder(final(tmp, name))
     assert set(folder.shapes) == set(adapters)
-    assert all(torch.equal(folder.tensors()[n], reader.tensor(n)) for n in adapters)
+    assert all(torch.equal(folder.tensors()[n], source.tensor(n)) for n in adapters)
 
 
 def test_full_fine_tuning_changes_the_base(runs):
@@ -126,7 +129,7 @@ def test_full_fine_tuning_changes_the_base(runs):
     from safetensors.torch import load_file
 
     start = load_file(init["gpt2"])
-    reader = CheckpointReader(final(tmp, "gpt2_full", 2))
+    reader = open_source(final(tmp, "gpt2_full", 2))
     assert not any(is_adapter(n) for n in reader.names)
     assert all(not torch.equal(reader.tensor(n), start[n].float()) for n in start if n.endswith("qkv.weight"))
     assert r["gpt2_full"]["exact_match"] is not None

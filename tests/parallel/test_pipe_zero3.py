@@ -23,7 +23,7 @@ def test_pipe_zero3_equals_dense(tmp_path, init_weights_llama):
     runs = {layout: synthetic(tmp_path, layout, f"train.init_from={init_weights_llama}", *LAYOUTS[layout],
                               model=SMALL_LLAMA) for layout in sorted(LAYOUTS)}
     results = run_ranks(train_layouts, 4, list(runs.values()), timeout=400, env=ENV)
-    from gptscale.checkpoint.read import consolidate
+    from gptscale.checkpoint.convert import consolidate
 
     for index, (layout, overrides) in enumerate(runs.items()):
         losses = [rank_results[index]["losses"] for rank_results in results]

@@ -50,7 +50,7 @@ def test_llama_pipeline_equals_dense_and_consolidates(tmp_path, init_weights_lla
 
     # The pipeline checkpoint consolidates (TP shards merged, stage files joined) to the
     # dense reference's weights after the same 5 steps.
-    from gptscale.checkpoint.read import consolidate
+    from gptscale.checkpoint.convert import consolidate
 
     ckpt = tmp_path / "llama" / "checkpoints" / "step00000005"
     assert json.loads((ckpt / "COMPLETE.json").read_text())["layout"] == {"mode": "pipe", "tp": 2, "pp": 2, "dp": 1}

@@ -35,7 +35,7 @@ def test_a_registered_fourth_mode_trains_checkpoints_and_consolidates(tmp_path, 
     assert worst < 1e-4 and reference[5] < reference[1] - 0.02
     assert set(results[0]["val"]) == {0, 5}
 
-    from gptscale.checkpoint.read import consolidate
+    from gptscale.checkpoint.convert import consolidate
 
     ckpt = tmp_path / "zero12" / "checkpoints" / "step00000005"
     assert json.loads((ckpt / "COMPLETE.json").read_text())["layout"] == {"mode": "zero12", "tp": 1, "pp": 1, "dp": 2}

@@ -39,7 +39,7 @@ def test_zero3_equals_plain_adamw_and_tp2_equals_tp1_and_recomputation_changes_n
     undecayed = plain_adamw_losses([*decay, "train.weight_decay=0.0"], init_weights, 5)
     assert abs(undecayed[5] - decay_reference[5]) > 1e-3  # the decay is large enough to be seen
     # The checkpoints of both layouts consolidate to the same weights.
-    from gptscale.checkpoint.read import consolidate
+    from gptscale.checkpoint.convert import consolidate
 
     _, dp_weights = consolidate(tmp_path / "dp2" / "checkpoints" / "step00000005")
     _, tp_weights = consolidate(tmp_path / "tp2" / "checkpoints" / "step00000005")

@@ -173,14 +173,24 @@ def assert_weights_match(weights, dense, overrides, loss_tol):
 
 
 def finetune_in_turn(runs):
-    """Rank body: fine-tuning runs (overrides, resume), one after another in the same ranks."""
-    from gptscale.train.loop import train
+    """Rank body: fine-tuning runs (overrides, resume), one after another in the same ranks;
+    each also says whether this rank's frozen parameters (its shards of them) came out of
+    training bitwise as they went in."""
+    from gptscale.train.loop import Trainer
     from gptscale.train.tasks import FineTuning
+
+    def local(param):  # this rank's ZeRO-3 partition, or the whole tensor
+        return (param.ds_tensor if hasattr(param, "ds_tensor") else param).detach().clone()
 
     out = []
     for overrides, resume in runs:
         cfg = config.load(None, overrides)
-        result = train(cfg, resume=resume, task=FineTuning(cfg))
+        trainer = Trainer(cfg, resume, FineTuning(cfg))
+        params = trainer.runtime.canonical_parameters()
+        frozen = {name: local(p) for name, p in params.items() if not p.requires_grad}
+        result = trainer.run()
         out.append({"losses": result.losses, "val": result.val_losses, "steps": result.steps_done,
-                    "exact_match": result.exact_match, "exact_match_before": result.exact_match_before})
+                    "exact_match": result.exact_match, "exact_match_before": result.exact_match_before,
+                    "frozen": len(frozen), "frozen_unchanged": all(torch.equal(frozen[n], local(params[n]))
+                                                                   for n in frozen)})
     return out
