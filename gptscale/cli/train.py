@@ -3,26 +3,27 @@ from __future__ import annotations
 
 import argparse
 
+from gptscale import modes
 from gptscale.cli.options import add_config_options, non_negative_float, non_negative_int, positive_int
 from gptscale.config import TrainConfig
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, task_name: str) -> int:
     from gptscale import config
+    from gptscale.train import tasks
     from gptscale.train.loop import train
 
-    result = train(config.load(args.config, args.set), resume=args.resume, overwrite_run=args.overwrite_run)
+    cfg = config.load(args.config, args.set)
+    result = train(cfg, resume=args.resume, task=getattr(tasks, task_name)(cfg), overwrite_run=args.overwrite_run)
     return 0 if result.steps_done > 0 or result.stopped_by_signal else 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    return _run(args, "Pretraining")
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from gptscale import config
-    from gptscale.train.loop import train
-    from gptscale.train.tasks import FineTuning
-
-    cfg = config.load(args.config, args.set)
-    result = train(cfg, resume=args.resume, task=FineTuning(cfg), overwrite_run=args.overwrite_run)
-    return 0 if result.steps_done > 0 or result.stopped_by_signal else 1
+    return _run(args, "FineTuning")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -42,15 +43,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _modes_help() -> str:
-    from gptscale import modes
-
     return "\n".join(f"  {spec.name:<11} {spec.summary}" for spec in map(modes.by_name, modes.names()[1:]))
-
-
-def _mode_names() -> list[str]:
-    from gptscale import modes
-
-    return list(modes.names()[1:])
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -91,7 +84,7 @@ def add_parsers(sub) -> None:
                                    "is frozen (no optimizer state);\n"
                                    "                          each checkpoint holds the adapters alone in adapter/ "
                                    "('gptscale convert to-hf --adapter' makes a PEFT folder of them)\n"
-                                   "Any run mode (" + ", ".join(_mode_names()) + "), any launcher, the same "
+                                   "Any run mode (" + ", ".join(modes.names()[1:]) + "), any launcher, the same "
                                    "checkpoints, resume and stop signals as 'gptscale train'. At the end, "
                                    "finetune.eval_answers held-out prompts are answered greedily and scored by exact "
                                    "match.\n"

@@ -213,8 +213,8 @@ class Runtime(abc.ABC):
         for tp_rank, tensors in everyone:
             for name, tensor in tensors.items():
                 pieces.setdefault(name, {})[tp_rank] = tensor
-        return {name: merge_tensor([by_rank[r] for r in sorted(by_rank)], table[name], self.cfg.model.vocab_size)
-                for name, by_rank in sorted(pieces.items(), key=lambda item: list(table).index(item[0]))}
+        return {name: merge_tensor([pieces[name][r] for r in sorted(pieces[name])], split, self.cfg.model.vocab_size)
+                for name, split in table.items() if name in pieces}  # in the model's order
 
     def step_batches(self, batches: Iterator[Batch]) -> tuple[list[Batch], torch.Tensor | None]:
         """The next optimizer step's grad_accum micro-batches, and the `num_valid_tokens` each
@@ -226,8 +226,7 @@ class Runtime(abc.ABC):
         micro = [next(batches) for _ in range(self.cfg.train.grad_accum)]
         if not self.ctx.mean_over_step_tokens:
             return micro, None
-        labelled = torch.tensor([float(sum(int((labels != IGNORE_INDEX).sum()) for _, labels in micro))],
-                                dtype=torch.float64, device=comm_device())
+        labelled = torch.tensor([float(labelled_tokens(micro))], dtype=torch.float64, device=comm_device())
         dist.all_reduce(labelled, group=self.topo.get_data_parallel_group())
         share = max(labelled.item(), 1.0) / (self.cfg.train.grad_accum * self.topo.layout.dp)
         return micro, torch.tensor(share, dtype=torch.float32, device=self.engine.device)
@@ -239,8 +238,8 @@ class Runtime(abc.ABC):
         the same batches)."""
         if not self.ctx.mean_over_step_tokens or not batches:
             return None
-        labelled = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
-        return torch.tensor(max(labelled, 1) / len(batches), dtype=torch.float32, device=self.engine.device)
+        return torch.tensor(max(labelled_tokens(batches), 1) / len(batches), dtype=torch.float32,
+                            device=self.engine.device)
 
     def on_device(self, batch: Batch) -> Batch:
         """The loader's CPU tensors on this rank's device (DeepSpeed does not move inputs)."""
@@ -308,6 +307,11 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+
+
+def labelled_tokens(batches: list[Batch]) -> int:
+    """The tokens of `batches` that carry a loss (label not IGNORE_INDEX)."""
+    return sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
 
 
 def dp_mean(value: float, topo: Topology) -> float:

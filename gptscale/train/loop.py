@@ -143,7 +143,7 @@ class Trainer:
     in a folder holding checkpoints unless overwrite_run, which deletes them) or a checkpoint."""
 
     def __init__(self, cfg: RunConfig, resume: str = "auto", task: Task | None = None, overwrite_run: bool = False):
-        cfg = _with_absolute_data_path(cfg)  # config.yaml and checkpoints name the data wherever they are read
+        cfg = _with_absolute_paths(cfg)  # config.yaml and checkpoints name the data and base wherever they are read
         self.cfg = cfg
         mode = modes.resolve(cfg.parallel.mode, cfg.parallel.pp)
         template = load_template(cfg)  # a wrong DeepSpeed template fails before any rank waits for another
@@ -416,7 +416,7 @@ class Trainer:
         return sample_from_checkpoint(final[0], self.cfg) if final else "(no checkpoint to sample from)"
 
 
-def _with_absolute_data_path(cfg: RunConfig) -> RunConfig:
+def _with_absolute_paths(cfg: RunConfig) -> RunConfig:
     """The data folder and the starting weights by absolute path: config.yaml and checkpoints
     name them wherever they are read (a LoRA checkpoint finds its base through init_from)."""
     if cfg.data.path is not None:

@@ -7,7 +7,6 @@ fine-tuning (examples with loss masks), of every weight or of LoRA adapters alon
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Iterable
 
@@ -107,10 +106,6 @@ class FineTuning(Task):
             check_same_tokenizer(cfg.train.init_from, self.tokenizer, cfg.data.path)
         self._splits: dict[str, sft.SFTExamples] = {}
 
-    @functools.cached_property
-    def _pad_id(self) -> int:
-        return self.tokenizer.pad_id
-
     def _split(self, split: str) -> sft.SFTExamples:
         if split not in self._splits:  # read (and checked) once
             self._splits[split] = sft.load_sft_split(self.cfg.data.path, split)
@@ -118,11 +113,12 @@ class FineTuning(Task):
 
     def train_batches(self, dp_rank: int, dp_size: int):
         t = self.cfg.train
-        return sft.SFTBatches(self._split("train"), self.cfg.data.seq_len, self._pad_id, t.micro_batch, t.grad_accum,
+        return sft.SFTBatches(self._split("train"), self.cfg.data.seq_len, self.tokenizer.pad_id, t.micro_batch,
+                              t.grad_accum,
                               dp_rank, dp_size, self.cfg.data.seed)
 
     def validation_batches(self, dp_rank: int, dp_size: int) -> list[Batch]:
-        return sft.validation_batches_sft(self._split("val"), self.cfg.data.seq_len, self._pad_id,
+        return sft.validation_batches_sft(self._split("val"), self.cfg.data.seq_len, self.tokenizer.pad_id,
                                           self.cfg.train.micro_batch, self.cfg.train.eval_batches)
 
     def trains(self, canonical_name: str) -> bool:

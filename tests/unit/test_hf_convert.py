@@ -225,7 +225,7 @@ def one_line_error(error: type, call, *fragments: str) -> None:
     message = str(info.value)
     assert "\n" not in message
     for fragment in fragments:
-        assert fragment in message
+        assert fragment in message, message
 
 
 @pytest.mark.parametrize("hf_cfg, fragments", [

@@ -18,6 +18,7 @@ from gptscale.convert.tp import split_tp
 from gptscale.errors import CheckpointError, ConfigError
 from gptscale.model.gpt import GPT
 from gptscale.parallel.layers import split_table
+from tests.unit.test_hf_convert import _few_threads, one_line_error  # noqa: F401  (_few_threads: autouse)
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -30,14 +31,6 @@ SHAPES = {  # every target each family has
     "llama-gqa-untied": (dict(family="llama", vocab_size=250, n_head=4, n_kv_head=2, rope_theta=500.0),
                          ["qkv", "proj", "up", "gate", "down", "head"]),
 }
-
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_cfg(shape: str) -> ModelConfig:
@@ -182,14 +175,6 @@ def test_merge_adapter_folds_in_the_scaled_product():
 
 
 # -- inputs that do not fit ----------------------------------------------------------------
-def one_line_error(error: type, call, *fragments: str) -> None:
-    with pytest.raises(error) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, message
-
 
 def export(adapters, cfg, targets):
     return lambda: adapter_to_peft(adapters, cfg, r=R, alpha=ALPHA, dropout=0.0, targets=targets, base_model=None)
