@@ -10,7 +10,7 @@ import os
 import sys
 
 from gptscale import modes
-from gptscale.cli import convert, data, info, lora, train
+from gptscale.cli import convert, data, info, lora, scaling, sweep, train
 from gptscale.cli.options import OneLineParser
 from gptscale.errors import UserError
 
@@ -29,6 +29,8 @@ commands:
   plot       draw a run's loss curves to RUN/loss.png
   convert    consolidate a checkpoint (any layout), export to / import from Hugging Face (LoRA: PEFT)
   lora       merge a LoRA run's adapters into its base
+  estimate   parameters, FLOPs, memory per device, bubble and time to train on paper; --search for a layout
+  sweep      a grid of model sizes x token budgets trained and fitted to L(N, D) = E + A/N^a + B/D^b
 """
 
 
@@ -43,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parsers(sub)
     convert.add_parsers(sub)
     lora.add_parsers(sub)
+    scaling.add_parsers(sub)
+    sweep.add_parsers(sub)
     return parser
 
 
