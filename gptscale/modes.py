@@ -36,6 +36,9 @@ class ModeSpec:
     runtime: str  # "module:Class" implementing gptscale.runtime.base.Runtime
     checkpoint_files: CheckpointFiles
     pipeline: bool  # cuts the model into parallel.pp stages; False: parallel.pp must be 1
+    default_template: str  # ds_configs/<name>.json when train.ds_config is unset
+    zero_stages: tuple[int, ...]  # ZeRO stages this mode's engine runs
+    zero_stages_refusal: str  # the rest of the error for another stage ("{pp}": parallel.pp)
     ties_across_stages: bool = True  # can share GPT-2's tied embedding between the first and last stage
 
 
@@ -50,17 +53,24 @@ def register(spec: ModeSpec) -> ModeSpec:
     return spec
 
 
+_ZERO3_REFUSAL = " partitions parameters with ZeRO stage 3; use a stage 3 template (train.ds_config=zero3)"
+
 register(ModeSpec(
     "zero3", "TP x DP, parameters, gradients and optimizer states ZeRO-3-sharded over DP",
     runtime="gptscale.runtime.zero3:Zero3Runtime", checkpoint_files=CheckpointFiles.ONE_ZERO_ENGINE,
-    pipeline=False))
+    pipeline=False, default_template="zero3", zero_stages=(3,), zero_stages_refusal=_ZERO3_REFUSAL))
 register(ModeSpec(
     "pipe", "TP x PP x DP on DeepSpeed's PipelineEngine (1F1B), ZeRO stage 0/1 over DP",
-    runtime="gptscale.runtime.pipe:PipeRuntime", checkpoint_files=CheckpointFiles.PIPELINE_LAYERS, pipeline=True))
+    runtime="gptscale.runtime.pipe:PipeRuntime", checkpoint_files=CheckpointFiles.PIPELINE_LAYERS, pipeline=True,
+    default_template="pipe_zero1", zero_stages=(0, 1),
+    zero_stages_refusal=(" (parallel.pp={pp}) runs DeepSpeed's PipelineEngine, which supports only ZeRO stage 0 or 1 "
+                         "(it shards no gradients or parameters across pipeline micro-batches); use "
+                         "train.ds_config=pipe_zero1, or parallel.pp=1 for ZeRO-3")))
 register(ModeSpec(
     "pipe_zero3", "TP x PP x DP, each pipeline stage ZeRO-3-sharded over its DP group (gptscale's 1F1B)",
     runtime="gptscale.runtime.pipe_zero3.runtime:PipeZero3Runtime",
-    checkpoint_files=CheckpointFiles.ZERO_ENGINE_PER_STAGE, pipeline=True, ties_across_stages=False))
+    checkpoint_files=CheckpointFiles.ZERO_ENGINE_PER_STAGE, pipeline=True, ties_across_stages=False,
+    default_template="zero3", zero_stages=(3,), zero_stages_refusal=_ZERO3_REFUSAL))
 
 # What `parallel.mode: auto` becomes: no pipeline stages -> the first, else the second.
 _AUTO_CHOICE = ("zero3", "pipe")

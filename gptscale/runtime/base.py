@@ -15,7 +15,7 @@ import importlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -72,10 +72,6 @@ class NonFiniteCounter(Protocol):
 class Runtime(abc.ABC):
     """One run mode. Subclasses set the class attributes and implement the abstract methods;
     `__init__` builds the engine (`build`), normally through `initialize_engine`."""
-
-    default_template: ClassVar[str]  # ds_configs/<name>.json when train.ds_config is unset
-    zero_stages: ClassVar[tuple[int, ...]]  # ZeRO stages this mode's engine runs
-    zero_stages_refusal: ClassVar[str]  # the rest of the error for another stage ("{pp}": parallel.pp)
 
     stage: int = 0  # this rank's pipeline stage: where its checkpoint files go
 
@@ -244,14 +240,6 @@ class Runtime(abc.ABC):
     def on_device(self, batch: Batch) -> Batch:
         """The loader's CPU tensors on this rank's device (DeepSpeed does not move inputs)."""
         return tuple(t.to(self.engine.device, non_blocking=True) for t in batch)
-
-
-class ZeroStage3:
-    """What a mode whose engines are ZeRO stage 3 declares (mixed into its Runtime)."""
-
-    default_template = "zero3"
-    zero_stages = (3,)
-    zero_stages_refusal = " partitions parameters with ZeRO stage 3; use a stage 3 template (train.ds_config=zero3)"
 
 
 class WholeModelRuntime(Runtime):

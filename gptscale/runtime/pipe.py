@@ -32,12 +32,6 @@ from gptscale.scaling.bubble import bubble_warning, theoretical_idle_fraction
 
 
 class PipeRuntime(Runtime):
-    default_template = "pipe_zero1"
-    zero_stages = (0, 1)
-    zero_stages_refusal = (" (parallel.pp={pp}) runs DeepSpeed's PipelineEngine, which supports only ZeRO stage 0 or 1 "
-                           "(it shards no gradients or parameters across pipeline micro-batches); use "
-                           "train.ds_config=pipe_zero1, or parallel.pp=1 for ZeRO-3")
-
     @classmethod
     def describe(cls, cfg, ds_config) -> str:
         zero = ds_config.get("zero_optimization", {}).get("stage", 0)

@@ -7,10 +7,10 @@ only. Steps, evaluation and sampling are those of any whole-model engine (runtim
 from __future__ import annotations
 
 from gptscale.model.gpt import GPT
-from gptscale.runtime.base import WholeModelRuntime, ZeroStage3, seed_all
+from gptscale.runtime.base import WholeModelRuntime, seed_all
 
 
-class Zero3Runtime(ZeroStage3, WholeModelRuntime):
+class Zero3Runtime(WholeModelRuntime):
     @classmethod
     def describe(cls, cfg, ds_config) -> str:
         return "ZeRO stage 3"

@@ -38,7 +38,8 @@ from gptscale.model.counting import count_parameters, flops_per_token
 from gptscale.parallel.primitives import comm_device
 from gptscale.parallel.topology import Topology
 from gptscale.runtime.base import RuntimeContext, rng_state, runtime_class, seed_all, set_rng_state
-from gptscale.runtime.ds_config import assemble, load_template
+from gptscale.ds_templates import load_template
+from gptscale.runtime.ds_config import assemble
 from gptscale.scaling.hardware import device_peak_tflops
 from gptscale.train.job import JobDir
 from gptscale.train.metrics import MetricsLogger, peak_memory_gb

@@ -11,7 +11,9 @@ from gptscale.runtime.base import WholeModelRuntime, seed_all
 
 SPEC = modes.ModeSpec("zero12", "TP x DP, ZeRO stage 1 or 2 (a test's fourth mode)",
                       runtime="tests.parallel.fourth_mode:Zero12Runtime",
-                      checkpoint_files=modes.CheckpointFiles.ONE_ZERO_ENGINE, pipeline=False)
+                      checkpoint_files=modes.CheckpointFiles.ONE_ZERO_ENGINE, pipeline=False,
+                      default_template="pipe_zero1", zero_stages=(1, 2),
+                      zero_stages_refusal=" keeps whole parameters on every rank; use a ZeRO stage 1 or 2 template")
 
 
 def register() -> None:
@@ -20,10 +22,6 @@ def register() -> None:
 
 
 class Zero12Runtime(WholeModelRuntime):
-    default_template = "pipe_zero1"
-    zero_stages = (1, 2)
-    zero_stages_refusal = " keeps whole parameters on every rank; use a ZeRO stage 1 or 2 template"
-
     @classmethod
     def describe(cls, cfg, ds_config) -> str:
         return f"ZeRO stage {ds_config['zero_optimization']['stage']}, whole parameters"

@@ -45,7 +45,7 @@ def test_a_registered_fourth_mode_trains_checkpoints_and_consolidates(tmp_path, 
     # The config rules come from the registry and the runtime too.
     with pytest.raises(ConfigError, match="parallel.mode=zero12 cannot use parallel.pp=2"):
         config.load(None, ["parallel.mode=zero12", "parallel.pp=2"])
-    from gptscale.runtime.ds_config import load_template
+    from gptscale.ds_templates import load_template
 
     with pytest.raises(ConfigError, match="uses ZeRO stage 3, but parallel.mode=zero12 keeps whole parameters"):
         load_template(config.load(None, ["parallel.mode=zero12", "train.ds_config=zero3"]))

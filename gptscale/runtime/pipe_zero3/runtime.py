@@ -28,14 +28,14 @@ import torch.nn as nn
 from gptscale.model.loss import lm_loss
 from gptscale.model.stages import StageModule, describe_stages, stage_bounds, stage_layers
 from gptscale.parallel.primitives import comm_device
-from gptscale.runtime.base import Runtime, ZeroStage3, seed_all
+from gptscale.runtime.base import Runtime, seed_all
 from gptscale.runtime.pipe_zero3.ds_internals import end_backward, keep_gathered, scope_checks_to
 from gptscale.runtime.pipe_zero3.p2p import P2P
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class PipeZero3Runtime(ZeroStage3, Runtime):
+class PipeZero3Runtime(Runtime):
     @classmethod
     def describe(cls, cfg, ds_config) -> str:
         return (f"pipe_zero3: {cfg.parallel.pp} stages, each ZeRO stage 3 over its DP group (1F1B, "
