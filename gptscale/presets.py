@@ -29,7 +29,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
                       n_embd=8192, ffn_hidden=28672),
     "llama-405b": dict(family="llama", vocab_size=128256, block_size=8192, n_layer=126, n_head=128, n_kv_head=8,
                        n_embd=16384, ffn_hidden=53248, rope_theta=500000.0),
-    # The 1T shape of Megatron-LM's scaling table (Narayanan et al. 2021).
+    # GPT-3 175B (Brown et al. 2020) as Megatron-LM trains it (vocabulary padded to 51,200;
+    # Narayanan et al. 2021, Table 1: 174.6B parameters), and the 1T shape of the same table.
+    "gpt3-175b": dict(family="gpt2", vocab_size=51200, block_size=2048, n_layer=96, n_head=96, n_embd=12288),
     "gpt-1t": dict(family="gpt2", vocab_size=51200, block_size=2048, n_layer=128, n_head=160, n_embd=25600),
 }
 

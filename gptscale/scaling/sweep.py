@@ -281,8 +281,7 @@ def run_all(sweep: Sweep, *, dry_run: bool = False, echo=print) -> list[str]:
         log.parent.mkdir(parents=True, exist_ok=True)
         echo(f"{head}: started, {what} (log {log})")
         started = time.monotonic()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.setdefault("OMP_NUM_THREADS", "1")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log shows progress as it happens
         with open(log, "ab") as out:
             out.write(f"$ {_shell(sweep.command(run))}\n".encode())
             out.flush()

@@ -25,6 +25,16 @@ def _resident(overrides):
     return resident_bytes(engine), sum(p.ds_numel for p in engine.module.parameters())
 
 
+def _assert_estimate_is_exact(parts, overrides, devices):
+    """`gptscale estimate` predicts each of these byte counts exactly (scaling/estimate.py)."""
+    from gptscale.scaling.estimate import Cluster, estimate
+
+    mem = estimate(config.load(None, overrides), Cluster(devices=devices)).memory[0]
+    predicted = {"parameters": mem.parameters, "gradients": mem.gradients, "master_weights": mem.master_weights,
+                 "optimizer_states": mem.optimizer_states, "total": mem.model_states}
+    assert parts == predicted
+
+
 def test_memory_scales_as_one_over_dp(tmp_path):
     env = {"GPTSCALE_QUIET_SAVE": "1"}
     [(fp32_dp1, psi)] = run_ranks(_resident, 1, [*MODEL, f"train.out_dir={tmp_path / 'a'}"], timeout=300, env=env)
@@ -32,6 +42,9 @@ def test_memory_scales_as_one_over_dp(tmp_path):
     bf16_dp2 = run_ranks(_resident, 2, [*MODEL, f"train.out_dir={tmp_path / 'c'}", "train.precision=bf16"],
                          timeout=300, env=env)
     assert psi > 4_000_000
+    _assert_estimate_is_exact(fp32_dp1, MODEL, 1)
+    _assert_estimate_is_exact(fp32_dp2[1][0], MODEL, 2)
+    _assert_estimate_is_exact(bf16_dp2[0][0], [*MODEL, "train.precision=bf16"], 2)
     for parts, _ in fp32_dp2:
         assert abs(fp32_dp1["total"] / parts["total"] - 2.0) < 0.02  # 1/DP
         # fp32: DeepSpeed keeps the fp32 parameter partition *and* an fp32 master copy:
