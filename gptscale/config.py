@@ -195,6 +195,16 @@ class ParallelConfig:
         return self.dp
 
 
+def tp_groups_span_nodes(tp: int, ranks_per_node: int) -> str | None:
+    """Why tensor-parallel groups (tp consecutive ranks) would span nodes of `ranks_per_node`
+    ranks, or None when every node holds whole TP groups. Checked at launch (`gptscale train`)
+    and by the layout search."""
+    if tp == 1 or ranks_per_node % tp == 0:
+        return None
+    return (f"parallel.tp={tp} does not divide the {ranks_per_node} rank(s) on this node, so tensor-parallel groups "
+            f"span nodes; use a tp that divides the GPUs per node, or start a multiple of {tp} ranks per node")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where training tokens come from.

@@ -19,6 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 
+from gptscale.config import tp_groups_span_nodes
 from gptscale.errors import LaunchError
 
 DEFAULT_PORT = 29500
@@ -329,11 +330,11 @@ def check_tp_within_node(tp: int, launch: LaunchEnv, backend: str) -> None:
     """Tensor-parallel groups (tp consecutive ranks) must not span nodes: they all-reduce twice
     per layer, which over the network instead of NVLink costs most of the step. Every node
     must hold whole TP groups. On GPUs (NCCL) this is an error; on CPU test clusters a warning."""
-    if launch.one_node or tp == 1 or launch.local_world_size % tp == 0:
+    if launch.one_node:
         return
-    message = (f"parallel.tp={tp} does not divide the {launch.local_world_size} rank(s) on this node, so "
-               f"tensor-parallel groups span nodes; use a tp that divides the GPUs per node, or start "
-               f"a multiple of {tp} ranks per node")
+    message = tp_groups_span_nodes(tp, launch.local_world_size)
+    if message is None:
+        return
     if backend == "nccl":
         raise LaunchError(message)
     if launch.rank == 0:

@@ -23,7 +23,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 
-from gptscale import ds_templates
+from gptscale import ds_templates, modes
 from gptscale.config import ModelConfig, RunConfig
 from gptscale.errors import ConfigError
 from gptscale.model.counting import count_parameters
@@ -105,6 +105,12 @@ class Layout:
     @property
     def devices(self) -> int:
         return self.tp * self.pp * self.dp
+
+    @property
+    def gathers_once_per_step(self) -> bool:
+        """ZeRO-3 inside pipeline stages with parallel.pipe_zero3_gather=step: each stage's
+        parameters are gathered once for all the step's micro-batches and stay gathered."""
+        return modes.by_name(self.mode).pipeline and self.zero_stage == 3 and self.pipe_zero3_gather == "step"
 
     @property
     def tokens_per_step(self) -> int:
@@ -293,7 +299,7 @@ def model_state_memory(stage: StageTensors, layout: Layout, stage_index: int) ->
         persistent = sum(n for n in stage.numels if n < layout.persistence_threshold)
         mem.persistent_parameters = persistent * b
         mem.gathered_parameters = min(stage.largest_module + layout.prefetch_bucket, stage.total) * b
-        if layout.mode == "pipe_zero3" and layout.pipe_zero3_gather == "step":
+        if layout.gathers_once_per_step:
             mem.gathered_parameters = stage.total * b  # the stage stays gathered for the whole step
         mem.buckets = min(layout.reduce_bucket, stage.total) * b
     else:
@@ -453,7 +459,7 @@ def step_time(model: ModelConfig, layout: Layout, stage: StageTensors, hardware_
     tensor_parallel = tp_calls * formulas.ring_bytes_sent("all_reduce", activation, t) / tp_link
     stage_bytes = stage.total * b
     if layout.zero_stage == 3:
-        gathers = 1 if layout.mode == "pipe_zero3" and layout.pipe_zero3_gather == "step" else 2 * m
+        gathers = 1 if layout.gathers_once_per_step else 2 * m
         dp_bytes = (gathers * formulas.ring_bytes_sent("all_gather", stage_bytes, dp)
                     + m * formulas.ring_bytes_sent("reduce_scatter", stage.total * 4, dp))
     else:

@@ -15,9 +15,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from gptscale import ds_templates, modes
-from gptscale.config import RunConfig
+from gptscale.config import RunConfig, tp_groups_span_nodes
 from gptscale.errors import ConfigError, UserError
-from gptscale.launch import LaunchEnv, check_tp_within_node
 from gptscale.scaling.estimate import GB, Cluster, Estimate, estimate, layout_of
 from gptscale.typed import from_dict
 
@@ -143,6 +142,7 @@ def _apply(base: dict, overrides: dict) -> RunConfig:
 
 def _check_nodes(cfg: RunConfig, cluster: Cluster) -> None:
     """Training's own check that TP groups stay inside a node (an error on GPUs, where NCCL runs)."""
-    per_node = min(cluster.devices_per_node, cluster.devices)
-    launch = LaunchEnv(launcher="search", rank=1, world_size=cluster.devices, local_rank=0, local_world_size=per_node)
-    check_tp_within_node(cfg.parallel.tp, launch, backend="nccl")
+    if cluster.devices > cluster.devices_per_node:
+        message = tp_groups_span_nodes(cfg.parallel.tp, cluster.devices_per_node)
+        if message is not None:
+            raise ConfigError(message)

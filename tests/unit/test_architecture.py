@@ -15,7 +15,7 @@ PACKAGE = pathlib.Path(gptscale.__file__).parent
 
 # Bottom to top. A module may import modules of its own layer and of the layers below.
 LAYERS = [
-    ("errors", "faults", "atomic", "safe_yaml", "typed", "presets", "modes", "config"),
+    ("errors", "faults", "atomic", "safe_yaml", "typed", "presets", "modes", "config", "ds_templates"),
     ("ds_import", "launch"),
     ("parallel",),
     ("model",),
@@ -28,9 +28,9 @@ LAYERS = [
     ("cli",),
 ]
 LAYER_OF = {room: level for level, rooms in enumerate(LAYERS) for room in rooms}
-NO_DEEPSPEED = ("errors", "atomic", "safe_yaml", "typed", "presets", "modes", "config", "launch", "parallel", "model", "data", "convert",
+NO_DEEPSPEED = ("errors", "atomic", "safe_yaml", "typed", "presets", "modes", "config", "ds_templates", "launch", "parallel", "model", "data", "convert",
                 "scaling")
-NO_TORCH = ("errors", "safe_yaml", "typed", "presets", "modes", "config")
+NO_TORCH = ("errors", "safe_yaml", "typed", "presets", "modes", "config", "ds_templates")
 
 
 def _module_name(path: pathlib.Path) -> str:
