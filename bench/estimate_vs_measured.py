@@ -10,9 +10,9 @@ and pipe_zero3 at PP=2, in fp32 and bf16, on an untied Llama-style model. Per ru
 - activation bytes one micro-batch's forward saves for backward (every tensor handed to
   autograd's saved-tensor hooks, each storage once, parameters and their views excluded),
   against the estimate's activations per micro-batch (blocks x per block, the ends, logits);
-- peak RSS of the rank, and how much it grew from the built engine (model states allocated)
-  to the end of training, against the estimated additions of a step (activations, logits,
-  gathered ZeRO-3 layers, buckets, whole ZeRO-0/1 gradients);
+- peak RSS of the rank, against the RSS it had when its engine was built, minus the model
+  states it held then, plus the estimated peak (model states and a step's activations,
+  logits, gathered ZeRO-3 layers, buckets, whole ZeRO-0/1 gradients);
 - the median step time (steps 2..N), against the step-time model fed with this process's
   measured fp32 matmul rate (gemm efficiency 1) and gloo's measured all-reduce bandwidth.
 
@@ -81,7 +81,8 @@ def _measure(overrides: list[str]) -> dict:
     from gptscale.train.loop import Trainer
 
     trainer = Trainer(config.load(None, overrides), "none")
-    rss_built = _rss_bytes()  # the engine and its model states exist; no step has run
+    rss_built = _rss_bytes()  # the engine exists; no step has run
+    states_built = resident_bytes(trainer.runtime.engine)["total"]  # Adam's states come with the first step
     runtime = trainer.runtime
     saved: dict[int, int] = {}
     first = {"done": False}
@@ -105,7 +106,7 @@ def _measure(overrides: list[str]) -> dict:
     module.forward = forward_recording
     trainer.run()
     result = {"resident": resident_bytes(runtime.engine), "activations": sum(saved.values()),
-              "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_built": rss_built,
+              "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_built": rss_built, "states_built": states_built,
               "stage": trainer.topo.coords.pp, "gemm_tflops": measure_cpu_peak_tflops(), "link": _gloo_bandwidth()}
     if trainer.is_writer:
         records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -164,8 +165,10 @@ def main() -> None:
                                   "total": mem.model_states},
                     "deepspeed_estimate": _deepspeed_estimate(e),
                     "activations": measured["activations"], "estimated_activations": (mem.activations + mem.logits) / in_flight,
-                    "peak_rss": measured["peak_rss"], "rss_built": measured["rss_built"],
-                    "estimated_peak": mem.peak, "estimated_step_additions": mem.peak - mem.model_states,
+                    "peak_rss": measured["peak_rss"], "estimated_peak": mem.peak,
+                    # the RSS a rank should peak at: what it held when built, plus what the estimate says
+                    # comes on top of the model states already there
+                    "expected_peak_rss": measured["rss_built"] - measured["states_built"] + mem.peak,
                     "step_s": statistics.median(measured["step_times"][1:]), "estimated_step_s": e.step.total,
                 })
                 print(_row_text(rows[-1]), flush=True)
@@ -178,13 +181,12 @@ def _row_text(r: dict) -> str:
     exact = all(res[k] == est[k] for k in ("parameters", "gradients", "master_weights", "optimizer_states"))
     ds = r["deepspeed_estimate"]
     ds_text = "" if ds is None else f" | DeepSpeed's estimator {ds:,}"
-    growth = r["peak_rss"] - r["rss_built"]
     return (f"{r['run']:<22} model states measured {res['total']:>11,} estimated {est['total']:>11,} "
             f"{'EXACT' if exact else 'DIFFERENT ' + str({k: (res[k], est[k]) for k in est})}{ds_text}\n"
             f"{'':<22} activations/micro-batch measured {r['activations']:>11,} estimated "
             f"{r['estimated_activations']:>11,.0f} ({r['estimated_activations'] / r['activations']:.3f}x) | "
-            f"peak RSS {r['peak_rss'] / 1e6:.0f} MB, growth in training {growth / 1e6:.1f} MB vs estimated step "
-            f"additions {r['estimated_step_additions'] / 1e6:.1f} MB | "
+            f"peak RSS {r['peak_rss'] / 1e6:.0f} MB vs {r['expected_peak_rss'] / 1e6:.0f} MB "
+            f"({r['expected_peak_rss'] / r['peak_rss']:.2f}x) | "
             f"step {r['step_s']:.3f} s vs {r['estimated_step_s']:.3f} s ({r['estimated_step_s'] / r['step_s']:.2f}x)")
 
 

@@ -51,7 +51,7 @@ def estimate_text(e: Estimate) -> str:
         out.append("  per stage per TP rank: " + ", ".join(f"{n:,}" for n in p["per_stage_per_tp_rank"]))
     f = d["flops"]
     out.append(f"FLOPs per token: {f['model_per_token']:.4g} model (6N + 12LHQT), {f['hardware_per_token']:.4g} "
-               f"executed with recompute; per step ({f['tokens_per_step']:,} tokens): {f['model_per_step']:.4g}")
+               f"executed (recompute: {lay.recompute}); per step ({f['tokens_per_step']:,} tokens): {f['model_per_step']:.4g}")
     worst = e.worst
     where = f" (stage {worst.stage} of {lay.pp}, the fullest)" if lay.pp > 1 else ""
     out.append(f"memory per device{where}:")
