@@ -2,8 +2,9 @@
 
 Counts the tensors DeepSpeed's optimizer keeps resident between steps, each storage once
 (parameter partitions are views into flat buffers). ZeRO-3 keeps parameter, master-weight
-and gradient partitions; ZeRO-0/1 keep whole parameters and partitioned master weights, and
-their whole-size gradients exist only during backward (not counted here)."""
+and gradient partitions; ZeRO-1 keeps whole parameters and partitioned master weights, and in
+fp32 its whole-size gradients exist only during backward (not counted here); the BF16_Optimizer
+of 16-bit pipeline runs keeps a whole fp32 gradient buffer."""
 from __future__ import annotations
 
 import torch
@@ -33,7 +34,11 @@ def resident_bytes(engine) -> dict[str, int]:
             "gradients": size([getattr(opt, "grad_partitions_flat_buffer", None),
                                *(t.grad for t in opt.fp32_partitioned_groups_flat)]),
         }
-    else:  # ZeRO-0/1 under the PipelineEngine
+    elif hasattr(opt, "fp32_groups_flat_partition"):  # BF16_Optimizer: 16-bit ZeRO-0/1 under the PipelineEngine
+        parts = {"parameters": size(opt.bf16_groups_flat),
+                 "master_weights": size(opt.fp32_groups_flat_partition),
+                 "gradients": size(opt.fp32_groups_gradients_flat)}
+    else:  # ZeRO-1/2 in fp32 under the PipelineEngine
         parts = {"parameters": size(p.data for p in params),
                  "master_weights": size(opt.single_partition_of_fp32_groups),
                  "gradients": 0}

@@ -163,6 +163,7 @@ class StageTensors:
 
     numels: tuple[int, ...]
     largest_module: int  # parameters of the largest module (ZeRO-3 gathers a module at a time)
+    decayed: tuple[bool, ...]  # per tensor: in the weight-decay parameter group (runtime/optim.py)
     blocks: int  # transformer blocks on the stage
     first: bool
     last: bool
@@ -179,34 +180,37 @@ def stage_tensors(model: ModelConfig, tp: int, pp: int, partition: str = "parame
     embedding counts on both stages that hold it; at pp=1 once)."""
     import torch
 
+    from gptscale.model.gpt import weight_decay_applies
     from gptscale.model.stages import stage_bounds, stage_layers
     from gptscale.parallel.topology import TPGroup
 
     with torch.device("meta"):
         layers = stage_layers(model, TPGroup.shape_only(tp))
-        shapes: dict[type, tuple[tuple[int, ...], int]] = {}
+        shapes: dict[type, tuple[list[tuple[int, bool]], int]] = {}
         per_layer = []
         for layer in layers:
             key = layer.build  # every layer of a kind has the same arguments: build one of each
             if key not in shapes:
                 module = layer.make()
-                numels = tuple(p.numel() for p in module.parameters())
+                tensors = [(p.numel(), weight_decay_applies(layer.prefix + name, p.shape))
+                           for name, p in module.named_parameters()]
                 biggest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules()),
                               default=0)
-                shapes[key] = (numels, biggest)
+                shapes[key] = (tensors, biggest)
             per_layer.append(shapes[key])
     bounds = stage_bounds(model, pp, partition) if pp > 1 else [0, len(layers)]
     stages = []
     for stage, (start, stop) in enumerate(zip(bounds, bounds[1:])):
-        seen_ties, numels, largest = set(), [], 0
-        for layer, (layer_numels, biggest) in zip(layers[start:stop], per_layer[start:stop]):
+        seen_ties, tensors, largest = set(), [], 0
+        for layer, (layer_tensors, biggest) in zip(layers[start:stop], per_layer[start:stop]):
             if layer.tie_key is not None:
                 if layer.tie_key in seen_ties:
                     continue
                 seen_ties.add(layer.tie_key)
-            numels.extend(layer_numels)
+            tensors.extend(layer_tensors)
             largest = max(largest, biggest)
-        stages.append(StageTensors(numels=tuple(numels), largest_module=largest,
+        stages.append(StageTensors(numels=tuple(n for n, _ in tensors), largest_module=largest,
+                                   decayed=tuple(d for _, d in tensors),
                                    blocks=sum(layer.is_block for layer in layers[start:stop]),
                                    first=stage == 0, last=stage == pp - 1))
     return tuple(stages)
@@ -255,12 +259,13 @@ def _partition(numel: int, dp: int) -> int:
     return -(-numel // dp)
 
 
-def _zero12_partition(numels: tuple[int, ...], dp: int) -> int:
-    """ZeRO-1/2: each parameter group is one flat buffer padded to a multiple of 2*dp elements
-    (DeepSpeed's `nccl_start_alignment_factor` of 2), split into dp equal partitions."""
+def _flat_groups(stage: StageTensors, dp: int) -> list[int]:
+    """ZeRO-0/1/2 and DeepSpeed's BF16_Optimizer flatten each parameter group (decayed, not
+    decayed) into one buffer padded to a multiple of 2 * dp elements (`nccl_start_alignment_factor`
+    of 2), later split into dp equal partitions: the padded size of each non-empty group."""
     alignment = 2 * dp
-    padded = -(-sum(numels) // alignment) * alignment
-    return padded // dp
+    sizes = [sum(n for n, d in zip(stage.numels, stage.decayed) if d == decayed) for decayed in (True, False)]
+    return [-(-size // alignment) * alignment for size in sizes if size]
 
 
 def model_state_memory(stage: StageTensors, layout: Layout, stage_index: int) -> Memory:
@@ -273,8 +278,9 @@ def model_state_memory(stage: StageTensors, layout: Layout, stage_index: int) ->
     With mixed precision that is 2 + 4 + 4 + 8 = 18 bytes per parameter / dp, which is also
     Megatron-LM's count without a distributed optimizer (theoretical_memory_usage.py: 18) and
     the 18 of DeepSpeed's estimate_zero3_model_states_mem_needs; the ZeRO paper's 16 keeps 16-bit
-    gradients. ZeRO-1 (PipelineEngine): whole parameters, flat fp32 master and Adam partitions;
-    its whole gradients exist from backward to the step (counted in the step's additions).
+    gradients. ZeRO-0/1 (PipelineEngine): whole flat parameters, fp32 master and Adam partitions;
+    in fp32 the gradients exist from backward to the step (counted in the step's additions); in
+    bf16 DeepSpeed's BF16_Optimizer keeps a whole fp32 gradient buffer resident.
     """
     b = PRECISION_BYTES[layout.precision]
     mem = Memory(stage=stage_index)
@@ -302,17 +308,28 @@ def model_state_memory(stage: StageTensors, layout: Layout, stage_index: int) ->
         if layout.gathers_once_per_step:
             mem.gathered_parameters = stage.total * b  # the stage stays gathered for the whole step
         mem.buckets = min(layout.reduce_bucket, stage.total) * b
+    elif b != 4:
+        # 16-bit at ZeRO-0/1 (the PipelineEngine): DeepSpeed's BF16_Optimizer keeps the flat 16-bit
+        # parameters, a whole fp32 gradient accumulation buffer, and fp32 master and Adam partitions.
+        flats = _flat_groups(stage, dp)
+        mem.parameters = sum(flats) * b
+        mem.gradients = sum(flats) * 4
+        mem.master_weights = sum(flats) // dp * 4
+        mem.optimizer_states = sum(flats) // dp * 8 + len(flats) * 4
+    elif layout.zero_stage == 0:
+        # fp32 without ZeRO: torch's AdamW steps the parameters themselves, with per-tensor state;
+        # gradients exist from backward to the step.
+        mem.parameters = stage.total * 4
+        mem.optimizer_states = stage.total * 8 + len(stage.numels) * 4
+        mem.whole_gradients = stage.total * 4
     else:
-        whole = stage.total
-        mem.parameters = whole * b
-        if layout.zero_stage == 0:
-            master_elems = whole if b != 4 else 0  # fp32 runs step the parameters themselves
-            adam_elems = whole
-        else:
-            master_elems = adam_elems = _zero12_partition(stage.numels, dp)
-        mem.master_weights = master_elems * 4
-        mem.optimizer_states = adam_elems * 8 + 2 * 4
-        mem.whole_gradients = whole * (4 if b == 4 else b)
+        # fp32 ZeRO-1/2 (DeepSpeedZeroOptimizer): flat parameters, an fp32 master and Adam
+        # partition per group; the gradients exist from backward to the step.
+        flats = _flat_groups(stage, dp)
+        mem.parameters = sum(flats) * 4
+        mem.master_weights = sum(flats) // dp * 4
+        mem.optimizer_states = sum(flats) // dp * 8 + len(flats) * 4
+        mem.whole_gradients = stage.total * 4
     return mem
 
 
@@ -365,7 +382,8 @@ def _norm_bytes(model: ModelConfig, b: int, s: int, h: int) -> float:
 def edge_activation_bytes(model: ModelConfig, layout: Layout, stage: StageTensors) -> tuple[float, float]:
     """(bytes, logits bytes) the stages at the ends save per micro-batch beyond their blocks.
 
-    First stage: the token ids (int64) and, with RoPE, the cos/sin tables (s x q each).
+    First stage: the token ids (int64). With RoPE, the cos/sin tables (s x q each), once in the
+    dense model and per block in pipeline stages.
     Last stage: the final norm (as in a block) and the head's input (b·sh), and the fp32
     log-softmax of the rank's vocabulary slice that the cross-entropy keeps, 4·s·V/t (the
     logits themselves are not kept; they exist with their fp32 copy while the loss is computed).
@@ -374,8 +392,14 @@ def edge_activation_bytes(model: ModelConfig, layout: Layout, stage: StageTensor
     s, h, mb = layout.seq_len, model.n_embd, layout.micro_batch
     rep = layout.tp if layout.sequence_parallel else 1
     edges = 0.0
+    if model.uses_rope:
+        # The cos/sin tables (s x q each): the dense model computes them once; in pipeline stages
+        # every block computes its own. ZeRO-3 casts these buffers to the training dtype, the
+        # PipelineEngine leaves them in fp32 (measured, bench/estimate_vs_measured.py).
+        pair = 2 * s * model.head_dim * (b if layout.zero_stage == 3 else 4)
+        edges += pair * (stage.blocks if layout.pp > 1 else 1)
     if stage.first:
-        edges += 8 * s * mb + (2 * b * s * model.head_dim if model.uses_rope else 0)
+        edges += 8 * s * mb
     logits = 0.0
     if stage.last:
         edges += (_norm_bytes(model, b, s, h) / rep + b * s * h) * mb
@@ -471,7 +495,8 @@ def step_time(model: ModelConfig, layout: Layout, stage: StageTensors, hardware_
     p2p_link = nvlink if t * dp < cluster.devices_per_node else nic
     pipeline_p2p = (2 * m * activation / t / p2p_link) if layout.pp > 1 else 0.0
     offload = 0.0
-    partition = sum(_partition(n, dp) for n in stage.numels) if layout.zero_stage == 3 else stage.total // dp
+    partition = sum(_partition(n, dp) for n in stage.numels) if layout.zero_stage == 3 else sum(
+        _flat_groups(stage, dp)) // dp
     if layout.offload_params != "none":
         link = cluster.nvme_gbps * GB if layout.offload_params == "nvme" else cluster.pcie_gbps * GB
         offload += 2 * m * partition * b / link

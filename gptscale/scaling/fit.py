@@ -61,7 +61,7 @@ class ScalingLaw:
     @classmethod
     def from_logs(cls, row) -> "ScalingLaw":
         a, b, e, alpha, beta = (float(v) for v in row)
-        return cls(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta)
+        return cls(E=_exp(e), A=_exp(a), B=_exp(b), alpha=alpha, beta=beta)
 
     def loss(self, n, d):
         n, d = np.asarray(n, dtype=np.float64), np.asarray(d, dtype=np.float64)
@@ -75,11 +75,16 @@ class ScalingLaw:
         return {name: getattr(self, name) for name in PARAMETERS}
 
 
+def _exp(value: float) -> float:
+    """exp, inf past the largest double (a runaway bootstrap fit) instead of OverflowError."""
+    return math.exp(value) if value < 709.0 else math.inf
+
+
 def compute_optimal(law: ScalingLaw, flops: float) -> tuple[float, float]:
     """N_opt = G (C/6)^(beta/(alpha+beta)), D_opt = G^-1 (C/6)^(alpha/(alpha+beta)),
     G = (alpha A / (beta B))^(1/(alpha+beta)) (Hoffmann et al. 2022, appendix D.3).
     NaNs where the law has no finite optimum (alpha or beta <= 0)."""
-    if not (law.alpha > 0 and law.beta > 0 and flops > 0):
+    if not (law.alpha > 0 and law.beta > 0 and flops > 0 and all(0 < v < math.inf for v in (law.A, law.B))):
         return float("nan"), float("nan")
     total = law.alpha + law.beta
     # in logs: A, B may be exp(25) and (C/6)^x large
@@ -119,12 +124,12 @@ def fit_scaling_law(n, d, loss, *, delta: float = HUBER_DELTA, starts: np.ndarra
         xb, fb = minimise(np.tile(minima, (bootstrap, 1)), ln, ld, ll, rows, delta)
         fb = fb.reshape(bootstrap, len(minima))
         winners = xb.reshape(bootstrap, len(minima), 5)[np.arange(bootstrap), np.argmin(fb, axis=1)]
-        laws = [ScalingLaw.from_logs(row) for row in winners]
-        samples = tuple(law.as_dict() for law in laws)
+        samples = tuple(ScalingLaw.from_logs(row).as_dict() for row in winners)
         tail = (1.0 - level) / 2 * 100
-        for name in PARAMETERS:
-            values = np.array([s[name] for s in samples])
-            intervals[name] = (float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail)))
+        for i, name in enumerate(("A", "B", "E", "alpha", "beta")):  # the columns of `winners`
+            low, high = np.percentile(winners[:, i], [tail, 100 - tail])  # E, A, B: in logs, then exp
+            intervals[name] = (_exp(low), _exp(high)) if name in "ABE" else (float(low), float(high))
+        intervals = {name: intervals[name] for name in PARAMETERS}
     return Fit(law=ScalingLaw.from_logs(best), objective=float(f[order[0]]), points=len(ll), skipped=skipped,
                intervals=intervals, level=level if bootstrap else None, samples=samples)
 

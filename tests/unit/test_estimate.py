@@ -112,7 +112,7 @@ def _layout(**kw):
 
 
 def test_zero3_model_states_by_hand():
-    stage = StageTensors(numels=(10, 7), largest_module=10, blocks=1, first=True, last=True)
+    stage = StageTensors(numels=(10, 7), largest_module=10, decayed=(True, False), blocks=1, first=True, last=True)
     mem = model_state_memory(stage, _layout(), 0)
     part = 3 + 2  # ceil(10/4) + ceil(7/4): each tensor padded to a multiple of dp
     assert (mem.parameters, mem.master_weights, mem.gradients) == (2 * part, 4 * part, 4 * part)
@@ -124,11 +124,14 @@ def test_zero3_model_states_by_hand():
 
 
 def test_zero1_model_states_by_hand():
-    stage = StageTensors(numels=(10, 7), largest_module=10, blocks=1, first=True, last=True)
+    stage = StageTensors(numels=(10, 7, 3), largest_module=10, decayed=(True, True, False), blocks=1, first=True,
+                         last=True)
+    # two flat groups padded to multiples of 2 * dp = 8: 17 -> 24 and 3 -> 8, split 4 ways
     mem = model_state_memory(stage, _layout(zero_stage=1, mode="pipe", template="pipe_zero1", precision="fp32"), 0)
-    flat = 24 // 4  # 17 elements padded to a multiple of 2 * dp = 8
-    assert (mem.parameters, mem.master_weights, mem.optimizer_states) == (4 * 17, 4 * flat, 8 * flat + 8)
-    assert mem.whole_gradients == 4 * 17
+    assert (mem.parameters, mem.master_weights, mem.optimizer_states) == (4 * 32, 4 * 8, 8 * 8 + 2 * 4)
+    assert (mem.gradients, mem.whole_gradients) == (0, 4 * 20)
+    bf16 = model_state_memory(stage, _layout(zero_stage=1, mode="pipe", template="pipe_zero1"), 0)
+    assert (bf16.parameters, bf16.gradients, bf16.master_weights) == (2 * 32, 4 * 32, 4 * 8)  # BF16_Optimizer
 
 
 @pytest.mark.parametrize("overrides", [GPT2, LLAMA])
