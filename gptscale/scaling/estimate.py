@@ -101,6 +101,10 @@ class Layout:
     prefetch_bucket: int = 50_000_000
     reduce_bucket: int = 500_000_000
     pipe_partition: str = "parameters"
+    sub_group_size: int = 1_000_000_000  # ZeRO-3 steps the optimizer in sub-groups of this many elements
+    optimizer_buffers: int = 4  # offload_optimizer.buffer_count (NVMe swap buffers)
+    param_buffers: int = 5  # offload_param.buffer_count
+    param_buffer_size: int = 100_000_000  # offload_param.buffer_size (elements)
 
     @property
     def devices(self) -> int:
@@ -118,12 +122,16 @@ class Layout:
 
 
 def _offload_target(zero: dict, key: str) -> str:
-    section = zero.get(key) or {}
-    device = section.get("device", "none") if isinstance(section, dict) else "none"
+    device = _section(zero, key).get("device", "none")
     if device not in OFFLOAD_TARGETS:
         raise ConfigError(f"zero_optimization.{key}.device={device!r} in the DeepSpeed template must be one of "
                           f"{', '.join(OFFLOAD_TARGETS)}")
     return device
+
+
+def _section(zero: dict, key: str) -> dict:
+    section = zero.get(key)
+    return section if isinstance(section, dict) else {}
 
 
 def _template_int(zero: dict, key: str, default: int) -> int:
@@ -152,7 +160,11 @@ def layout_of(cfg: RunConfig, devices: int | None = None) -> Layout:
         pipe_zero3_gather=p.pipe_zero3_gather, pipe_partition=p.pipe_partition,
         persistence_threshold=_template_int(zero, "stage3_param_persistence_threshold", 100_000),
         prefetch_bucket=_template_int(zero, "stage3_prefetch_bucket_size", 50_000_000),
-        reduce_bucket=_template_int(zero, "reduce_bucket_size", 500_000_000))
+        reduce_bucket=_template_int(zero, "reduce_bucket_size", 500_000_000),
+        sub_group_size=_template_int(zero, "sub_group_size", 1_000_000_000),
+        optimizer_buffers=_template_int(_section(zero, "offload_optimizer"), "buffer_count", 4),
+        param_buffers=_template_int(_section(zero, "offload_param"), "buffer_count", 5),
+        param_buffer_size=_template_int(_section(zero, "offload_param"), "buffer_size", 100_000_000))
 
 
 # -- parameters per rank ------------------------------------------------------------------
@@ -299,9 +311,16 @@ def model_state_memory(stage: StageTensors, layout: Layout, stage_index: int) ->
         else:
             _place(mem, layout.offload_optimizer, "master_weights", master)
             _place(mem, layout.offload_optimizer, "optimizer_states", adam)
-            # ZeRO-Infinity keeps the fp32 gradient partitions in host memory (NVMe swaps only the
-            # optimizer states and the master weights).
-            _place(mem, "cpu", "gradients", grads)
+            # The fp32 gradient partition stays in host memory (grad_partitions_flat_buffer) either
+            # way; with NVMe the optimizer swapper also writes it out beside the states it steps,
+            # through buffer_count pinned buffers of one sub-group each (measured by
+            # bench/beyond_memory.py: 18 bytes per parameter on NVMe in bf16, 20 in fp32).
+            mem.host["gradients"] = grads
+            if layout.offload_optimizer == "nvme":
+                mem.nvme["gradients"] = grads
+                mem.host["optimizer_swap_buffers"] = layout.optimizer_buffers * min(layout.sub_group_size, part) * 4
+        if layout.offload_params == "nvme":  # pinned buffers the parameters are read into
+            mem.host["parameter_swap_buffers"] = layout.param_buffers * layout.param_buffer_size * b
         persistent = sum(n for n in stage.numels if n < layout.persistence_threshold)
         mem.persistent_parameters = persistent * b
         mem.gathered_parameters = min(stage.largest_module + layout.prefetch_bucket, stage.total) * b

@@ -59,7 +59,7 @@ class ScalingLaw:
     beta: float
 
     @classmethod
-    def from_logs(cls, row) -> "ScalingLaw":
+    def from_logs(cls, row) -> ScalingLaw:
         a, b, e, alpha, beta = (float(v) for v in row)
         return cls(E=_exp(e), A=_exp(a), B=_exp(b), alpha=alpha, beta=beta)
 
@@ -206,6 +206,7 @@ def minimise(x0: np.ndarray, ln, ld, ll, weights: np.ndarray, delta: float = HUB
     y_hist: list[np.ndarray] = []
     rho_hist: list[np.ndarray] = []
     active = np.isfinite(f)
+    last_step = np.ones(len(x))
     for _ in range(iterations):
         rows = np.flatnonzero(active)  # converged rows are left alone
         if not rows.size:
@@ -220,10 +221,10 @@ def minimise(x0: np.ndarray, ln, ld, ll, weights: np.ndarray, delta: float = HUB
             scale = np.minimum(1.0, 1.0 / np.maximum(np.sqrt(np.sum(gr * gr, axis=1)), 1e-300))
             direction *= scale[:, None]
             slope *= scale
-        step = np.ones(rows.size)
+        step = np.minimum(1.0, 4.0 * last_step[rows])  # start near the step that worked last time
         accepted = np.zeros(rows.size, dtype=bool)
         x_new, f_new, g_new = xr.copy(), fr.copy(), gr.copy()
-        for _ in range(40):
+        for _ in range(20):  # step >= 2^-19: a well-scaled L-BFGS direction needs few halvings
             trial = np.flatnonzero(~accepted)
             if not trial.size:
                 break
@@ -241,6 +242,7 @@ def minimise(x0: np.ndarray, ln, ld, ll, weights: np.ndarray, delta: float = HUB
         active[rows] = accepted & (progress > 1e-15 * np.maximum(np.abs(fr), 1e-30)) & \
             (np.max(np.abs(g_new), axis=1) > 1e-14)
         x[rows], f[rows], g[rows] = x_new, f_new, g_new
+        last_step[rows] = np.where(accepted, step, 1.0)
         rho = np.where(sy > 1e-18, 1.0 / np.where(sy > 1e-18, sy, 1.0), 0.0)  # 0: the pair does not count
         s_hist.append(s), y_hist.append(y), rho_hist.append(rho)
         if len(s_hist) > memory:

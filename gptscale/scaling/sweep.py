@@ -176,9 +176,9 @@ def load_sweep(path: str | Path) -> Sweep:
             raise ConfigError(f"{where}: set[{i}]={item!r}: the sweep sets {item.split('=', 1)[0].strip()} of each "
                               f"run itself (out_dir and tokens); remove it")
     for i, value in enumerate(tokens):
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 1):
+        if not (_number(value) and value >= 1):
             raise ConfigError(f"{where}: tokens[{i}]={value!r} must be a positive number of training tokens")
-    if len(set(tokens)) != len(tokens):
+    if len({int(t) for t in tokens}) != len(tokens):  # int(t) names the run folder
         raise ConfigError(f"{where}: tokens={tokens} lists a budget twice; give each once")
     size_overrides, names = [], []
     for i, size in enumerate(sizes):
@@ -186,6 +186,9 @@ def load_sweep(path: str | Path) -> Sweep:
             raise ConfigError(f"{where}: sizes[{i}]={size!r} must be a mapping of model fields, "
                               f"e.g. {{n_layer: 2, n_embd: 64, n_head: 4}}")
         size = dict(size)
+        for key, value in size.items():
+            if not isinstance(value, (int, float, str, bool)) and not (key == "name" and value is None):
+                raise ConfigError(f"{where}: sizes[{i}].{key}={value!r} must be a single value (a model field's)")
         name = size.pop("name", None) or "-".join(f"{SHORT.get(k, k)}{v}" for k, v in size.items())
         if not isinstance(name, str) or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ConfigError(f"{where}: sizes[{i}].name={name!r} must be letters, digits, '-', '_' or '.'")
@@ -202,7 +205,7 @@ def load_sweep(path: str | Path) -> Sweep:
 
     runs = []
     for i, (name, model_sets) in enumerate(zip(names, size_overrides)):
-        for j, budget in enumerate(tokens):
+        for budget in tokens:
             overrides = (*common, *model_sets)
             try:
                 cfg = run_config.load(scalars.base, overrides)
@@ -285,16 +288,17 @@ def run_all(sweep: Sweep, *, dry_run: bool = False, echo=print) -> list[str]:
         with open(log, "ab") as out:
             out.write(f"$ {_shell(sweep.command(run))}\n".encode())
             out.flush()
-            code = subprocess.call(sweep.command(run), stdout=out, stderr=subprocess.STDOUT, env=env)
+            code = _train(sweep.command(run), out, env)
         seconds = time.monotonic() - started
         value = final_loss(sweep, run)
         if code == 0 and value is not None:
             echo(f"{head}: done, val loss {value:.4f} in {seconds:.0f} s")
             continue
-        reason = _last_error(log) or f"exit code {code}"
-        if code == 2 and "gptscale: error:" in reason:
-            raise UserError(f"sweep run {run.name} stopped: {reason.split('gptscale: error: ', 1)[-1]} (log {log})")
-        echo(f"{head}: FAILED after {seconds:.0f} s: {reason} (log {log})")
+        error = _user_error(log)
+        if error:  # a rank's one-line error: its config or data, the same for every run
+            raise UserError(f"sweep run {run.name} stopped: {error} (log {log})")
+        reason = f"exit code {code}" if code else "stopped before its last step (a stop signal?)"
+        echo(f"{head}: FAILED after {seconds:.0f} s: {reason}; run the sweep again to continue it (log {log})")
         failed.append(run.name)
     return failed
 
@@ -305,13 +309,40 @@ def _shell(command: list[str]) -> str:
     return " ".join(shlex.quote(part) for part in command)
 
 
-def _last_error(log: Path) -> str | None:
+def _train(command: list[str], out, env: dict[str, str]) -> int:
+    """Run one training command to its end. Interrupted (Ctrl-C, or SIGTERM to the sweep), the run
+    gets SIGTERM too: its ranks save a checkpoint and stop, and the next sweep continues from it."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        lines = log.read_text(errors="replace").splitlines()
+        return proc.wait()
+    except BaseException:
+        proc.terminate()  # torchrun passes SIGTERM on to its ranks
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _user_error(log: Path) -> str | None:
+    """The last `gptscale: error: ...` line a rank printed in this attempt of the run, if any."""
+    try:
+        text = log.read_text(errors="replace")
     except OSError:
         return None
-    errors = [line.strip() for line in lines if "gptscale: error:" in line or "Error" in line]
-    return errors[-1][:300] if errors else None
+    attempt = text.rsplit("\n$ ", 1)[-1]  # each attempt starts with its command line
+    errors = [line.split("gptscale: error: ", 1)[1].strip() for line in attempt.splitlines()
+              if "gptscale: error: " in line]
+    return errors[-1][:500] if errors else None
 
 
 # -- results --------------------------------------------------------------------------------------
@@ -367,13 +398,16 @@ def summary(result: dict) -> str:
     if "parameters" not in result:
         return ""
     p, iv, level = result["parameters"], result["intervals"], result["level"]
-    lines = [f"fit of {result['points']} runs: {result['law']}  (N = {result['N_counts'].replace('_', '-')} "
-             f"parameters, D = tokens; Huber objective {result['huber_objective']:.3g})"]
+    counts = result["N_counts"].replace("_", "-")
+    head = (f"fit of {result['points']} runs: {result['law']}  (N = {counts} parameters, D = tokens; Huber "
+            f"objective {result['huber_objective']:.3g})")
+    lines = [head]
     for name in ("E", "A", "B", "alpha", "beta"):
         interval = f"  [{_g(iv[name][0])}, {_g(iv[name][1])}]" if name in iv else ""
         lines.append(f"  {name:<5} = {_g(p[name])}{interval}")
     if iv:
-        lines.append(f"  (intervals: {level:.0%} bootstrap percentiles over {result['bootstrap']} resamples of the runs)")
+        lines.append(f"  (intervals: {level:.0%} bootstrap percentiles over {result['bootstrap']} resamples of the "
+                     f"runs)")
     for note in result["skipped"]:
         lines.append(f"  note: {note}")
     b = result["budget"]

@@ -120,7 +120,12 @@ def test_zero3_model_states_by_hand():
     offloaded = model_state_memory(stage, _layout(offload_params="nvme", offload_optimizer="cpu"), 0)
     assert offloaded.model_states == 0
     assert offloaded.nvme == {"parameters": 2 * part}
-    assert offloaded.host == {"master_weights": 4 * part, "optimizer_states": 8 * part + 8, "gradients": 4 * part}
+    assert offloaded.host == {"master_weights": 4 * part, "optimizer_states": 8 * part + 8, "gradients": 4 * part,
+                              "parameter_swap_buffers": 5 * 100_000_000 * 2}
+    infinity = model_state_memory(stage, _layout(offload_params="nvme", offload_optimizer="nvme"), 0)
+    # ZeRO-Infinity on NVMe: 2 + 4 + 8 + 4 (the gradient the optimizer swapper writes) = 18 bytes
+    assert sum(infinity.nvme.values()) == 18 * part + 8
+    assert infinity.host["gradients"] == 4 * part and infinity.host["optimizer_swap_buffers"] == 4 * part * 4
 
 
 def test_zero1_model_states_by_hand():
