@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.gptscale-installed
 
-.PHONY: install demo finetune-demo test clean-venv
+.PHONY: install demo finetune-demo sweep-demo beyond-memory test clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,26 @@ finetune-demo: install
 		--chat --prompt "def read_config(self, path):" --temperature 0
 	rm -rf $(FT)/peft
 	$(BIN)/gptscale convert to-hf --adapter $(FT)/checkpoints/step00000200 $(FT)/peft --base $(RUN)/hf
+
+# A scaling-law sweep on the demo's data (made first if missing): 4 model sizes x 3 token budgets,
+# each a normal 2-rank training run (skipped once done), then the fit of L(N, D) with bootstrap
+# intervals, the compute-optimal N and D, sweep.json and three PNGs in runs/sweep-tiny (see README).
+sweep-demo: install
+	test -f runs/tokenizer/tokenizer.json || $(BIN)/gptscale data train-tokenizer --input builtin:python \
+		--vocab-size 4096 --out runs/tokenizer
+	test -f runs/data/manifest.json || $(BIN)/gptscale data prepare --input builtin:python --tokenizer runs/tokenizer \
+		--out runs/data --shard-size 1MB --val-fraction 0.02 --overwrite
+	OMP_NUM_THREADS=1 $(BIN)/gptscale sweep --config configs/sweep-tiny.yaml
+
+# ZeRO-Infinity past this machine's RAM (bench/beyond_memory.py, see its docstring): a 1.8B-parameter
+# model whose training state is swapped to NVMe in NVME_DIR (~33 GB there, deleted afterwards;
+# refused if that would leave under 13 GB free), 3 optimizer steps on 2 CPU ranks, ~6 minutes.
+# DeepSpeed's async_io op needs libaio's headers: installed here when missing and run as root.
+NVME_DIR ?= /var/tmp
+beyond-memory: install
+	@test -e /usr/include/libaio.h || { test "$$(id -u)" = 0 && apt-get -qq install -y --no-install-recommends libaio-dev; } \
+		|| { echo "beyond-memory: install libaio-dev (DeepSpeed's async_io op compiles against it)" >&2; exit 2; }
+	nice -n 10 $(BIN)/python bench/beyond_memory.py --nvme-dir $(NVME_DIR) --json runs/beyond_memory.json
 
 # The whole suite. pytest's exit code 5 ("no tests collected") is a failure too.
 test: install
