@@ -17,7 +17,7 @@ from typing import Any
 from gptscale import modes
 from gptscale.errors import ConfigError
 from gptscale.presets import preset_dict
-from gptscale.safe_yaml import load_yaml
+from gptscale.safe_yaml import load_yaml_file
 from gptscale.typed import from_dict, merge_overrides
 
 FAMILIES = ("gpt2", "llama")
@@ -423,14 +423,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     """
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from None
-        data = load_yaml(text, f"config file {str(path)!r}") or {}
+        data = load_yaml_file(path, f"config file {str(path)!r}") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     data = merge_overrides(data, list(overrides))

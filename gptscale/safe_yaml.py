@@ -7,6 +7,7 @@ silently, so a second `train:` section would drop the first).
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -48,3 +49,15 @@ def load_yaml(text: str, where: str) -> Any:
         raise ConfigError(f"{where} is not valid YAML: {' '.join(str(exc).split())}") from None
     except RecursionError:
         raise ConfigError(f"{where} nests too deeply to be a config") from None
+
+
+def load_yaml_file(path: str | Path, where: str) -> Any:
+    """The YAML document of the file `path`; a missing or unreadable file is one line naming `where`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{where} does not exist")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where} cannot be read: {exc}") from None
+    return load_yaml(text, where)

@@ -43,7 +43,7 @@ from typing import Any
 from gptscale import config as run_config
 from gptscale.errors import ConfigError, DataError, UserError
 from gptscale.model.counting import count_parameters
-from gptscale.safe_yaml import load_yaml
+from gptscale.safe_yaml import load_yaml_file
 from gptscale.typed import from_dict
 
 PARAMETER_COUNTS = ("non_embedding", "total")
@@ -144,14 +144,7 @@ def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep config; every run's config is resolved here, so a bad size or
     budget is reported before anything trains."""
     where = f"sweep config {str(path)!r}"
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{where} does not exist")
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{where} cannot be read: {exc}") from None
-    data = load_yaml(text, where)
+    data = load_yaml_file(path, where)
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must hold a mapping (base, sizes, tokens, out_dir, ...)")
     data = dict(data)
