@@ -24,7 +24,7 @@ and the time and device-hours to train --tokens.
 --search lists the layouts (mode, tp, pp, dp, DeepSpeed template: ZeRO stage and offload,
 micro-batch, gradient accumulation, recompute) that `gptscale train` would accept and that fit,
 fastest first by the step-time model, keeping the global batch; and why the others do not.
-Memory in GB = 1e9 bytes. The step-time model and every formula's source: README, "Estimate".
+Memory in GB = 1e9 bytes. The step-time model and every formula's source: README, "Scaling studies".
 """
 
 
@@ -90,5 +90,5 @@ def add_parsers(sub) -> None:
     p.add_argument("--global-batch", type=positive_int,
                    help="--search: sequences per step to keep (default: the config's micro_batch*grad_accum*dp)")
     p.add_argument("--top", type=positive_int, default=10, help="--search: feasible layouts to list (default 10)")
-    p.add_argument("--json", action="store_true", help="print JSON (schema: README, 'Estimate')")
+    p.add_argument("--json", action="store_true", help="print JSON (schema: README, 'Scaling studies')")
     p.set_defaults(func=cmd_estimate)

@@ -14,7 +14,7 @@ buffers tensor by tensor; `bench/estimate_vs_measured.py` checks them against re
 with Korthikanti et al.'s formula alongside (`formulas.py`). Imports no torch.distributed and
 no deepspeed: templates are read with `gptscale.ds_templates`, as training reads them.
 
-The JSON (`--json`, `Estimate.to_dict()`) is described in README.md, "Estimate".
+The JSON (`--json`, `Estimate.to_dict()`) is described in README.md, "Scaling studies".
 """
 from __future__ import annotations
 
