@@ -134,6 +134,25 @@ def fit_scaling_law(n, d, loss, *, delta: float = HUBER_DELTA, starts: np.ndarra
                intervals=intervals, level=level if bootstrap else None, samples=samples)
 
 
+# A bootstrap interval wider than this does not pin a parameter down: a scale (E, A, B) spanning
+# more than a factor of 10, an exponent (alpha, beta) more than 0.5 wide.
+LOOSE_RATIO, LOOSE_WIDTH = 10.0, 0.5
+
+
+def poorly_constrained(intervals: dict[str, tuple[float, float]]) -> list[str]:
+    """The parameters whose bootstrap interval is too wide to mean anything: the runs do not
+    separate them (e.g. runs far from convergence cannot tell the irreducible loss E from the
+    power laws), so neither the law nor its compute-optimal answer should be trusted."""
+    loose = []
+    for name, (low, high) in intervals.items():
+        if name in ("alpha", "beta"):
+            if not high - low <= LOOSE_WIDTH:
+                loose.append(name)
+        elif not (low > 0 and high / low <= LOOSE_RATIO):
+            loose.append(name)
+    return loose
+
+
 def optimum_intervals(fit: Fit, flops: float) -> dict[str, tuple[float, float]]:
     """Percentile intervals of N_opt and D_opt at `flops` over the bootstrap fits (empty without)."""
     if not fit.samples:

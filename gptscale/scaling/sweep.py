@@ -355,7 +355,7 @@ def collect(sweep: Sweep) -> list[dict]:
 def fit_results(sweep: Sweep, records: list[dict], budget: float | None = None) -> dict:
     """Fit L(N, D) to the finished runs; the compute-optimal N and D for `budget` FLOPs (default:
     fit.budget, else 10x the largest run's compute). Raises DataError when too few runs are done."""
-    from gptscale.scaling.fit import fit_scaling_law, optimum_intervals
+    from gptscale.scaling.fit import fit_scaling_law, optimum_intervals, poorly_constrained
 
     done = [r for r in records if r["final_val_loss"] is not None]
     if not done:
@@ -372,6 +372,7 @@ def fit_results(sweep: Sweep, records: list[dict], budget: float | None = None) 
         "law": "L(N, D) = E + A / N^alpha + B / D^beta",
         "parameters": fit.law.as_dict(),
         "intervals": {k: list(v) for k, v in fit.intervals.items()},
+        "poorly_constrained": poorly_constrained(fit.intervals),
         "level": fit.level,
         "bootstrap": cfg.bootstrap,
         "N_counts": cfg.parameters,
@@ -403,6 +404,12 @@ def summary(result: dict) -> str:
                      f"runs)")
     for note in result["skipped"]:
         lines.append(f"  note: {note}")
+    loose = result.get("poorly_constrained") or []
+    if loose:
+        lines.append(f"  warning: {', '.join(loose)} {'is' if len(loose) == 1 else 'are'} not pinned down by these runs "
+                     f"(bootstrap interval wider than 10x, or 0.5 for an exponent): the runs do not separate the "
+                     f"terms of the law, so do not trust it or the compute-optimal answer below; train longer "
+                     f"(nearer convergence) or over a wider range of sizes")
     b = result["budget"]
     biv = b["intervals"]
     if b["loss"] is None:

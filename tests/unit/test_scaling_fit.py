@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gptscale.errors import DataError
-from gptscale.scaling.fit import ScalingLaw, compute_optimal, fit_scaling_law, optimum_intervals
+from gptscale.scaling.fit import ScalingLaw, compute_optimal, fit_scaling_law, optimum_intervals, poorly_constrained
 
 CHINCHILLA = ScalingLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # Hoffmann et al. 2022, eq. 10
 
@@ -43,6 +43,16 @@ def test_noisy_losses_land_near_the_law_and_inside_the_bootstrap_intervals():
     assert once.intervals == again.intervals and once.samples != fit.samples[:5]
     optimum = optimum_intervals(fit, 1e24)
     assert optimum["N_opt"][0] < n_opt < optimum["N_opt"][1]
+    assert poorly_constrained(fit.intervals) == []  # 25 points spanning 3 decades pin every parameter
+
+
+def test_runs_that_cannot_separate_the_terms_are_flagged():
+    """The sweep demo's case: a bootstrap interval for E from ~0 to 1.5 says the runs do not
+    separate the irreducible loss from the power laws."""
+    demo = {"E": (3e-222, 1.53), "A": (4.78, 22.4), "B": (17.3, 1.49e4), "alpha": (0.025, 0.32),
+            "beta": (0.089, 0.78)}
+    assert poorly_constrained(demo) == ["E", "B", "beta"]
+    assert poorly_constrained({"E": (1.6, 1.8), "A": (300.0, 500.0), "alpha": (0.3, 0.4)}) == []
 
 
 def test_compute_optimal_allocation_by_hand():
