@@ -6,24 +6,18 @@ import argparse
 from gptscale.cli.options import add_config_options, non_negative_float, positive_int
 
 
-def _human(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(int(n))
-
-
 def cmd_presets(args: argparse.Namespace) -> int:
     from gptscale.config import ModelConfig
     from gptscale.model.counting import count_parameters, flops_per_token
     from gptscale.presets import preset_names
+    from gptscale.scaling.report import human
 
     print(f"{'preset':<12}{'family':<7}{'layers':>7}{'d_model':>8}{'heads':>7}{'kv':>5}{'ffn':>7}"
           f"{'vocab':>8}{'context':>8}{'params':>10}{'GFLOP/token':>13}")
     for name in preset_names():
         c = ModelConfig.from_preset(name)
         print(f"{name:<12}{c.family:<7}{c.n_layer:>7}{c.n_embd:>8}{c.n_head:>7}{c.n_kv_head:>5}{c.ffn_hidden:>7}"
-              f"{c.vocab_size:>8}{c.block_size:>8}{_human(count_parameters(c).total):>10}"
+              f"{c.vocab_size:>8}{c.block_size:>8}{human(count_parameters(c).total):>10}"
               f"{flops_per_token(c) / 1e9:>13.3f}")
     print("GFLOP/token: training (forward + backward) at the full context, 6N + 12*L*H*Q*T.")
     return 0
@@ -37,12 +31,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     from gptscale import config
     from gptscale.model.counting import count_parameters, parameters_per_tp_rank
     from gptscale.parallel.topology import RankLayout
+    from gptscale.scaling.report import human
 
     cfg = config.load(args.config, args.set)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
     m, tp = cfg.model, cfg.parallel.tp
     counts = count_parameters(m)
-    print(f"\nparameters: {counts.total:,} ({_human(counts.total)})")
+    print(f"\nparameters: {counts.total:,} ({human(counts.total)})")
     for part in ("embedding", "positional", "blocks", "final_norm", "head"):
         print(f"  {part:<11}{getattr(counts, part):>20,}")
     print(f"per TP rank at tp={tp}: {parameters_per_tp_rank(m, tp):,} (vocabulary padded to "

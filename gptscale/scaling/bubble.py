@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from gptscale.config import RunConfig
+from gptscale.scaling.formulas import pipeline_bubble_fraction
 
 
 def theoretical_idle_fraction(stages: int, micro_batches: int) -> float:
     """1F1B/GPipe bubble share of a step for equal stages: (p - 1) / (m + p - 1)."""
-    return (stages - 1) / (micro_batches + stages - 1)
+    return pipeline_bubble_fraction(stages, micro_batches)
 
 
 def bubble_warning(cfg: RunConfig) -> str | None:

@@ -184,6 +184,11 @@ class StageTensors:
     def total(self) -> int:
         return sum(self.numels)
 
+    def zero3_partition(self, dp: int) -> int:
+        """Elements of one rank's ZeRO-3 partition: DeepSpeed pads each tensor to a multiple of
+        the DP size and gives every rank an equal share (stage3 `_aligned_size` / num_partitions)."""
+        return sum(-(-n // dp) for n in self.numels)
+
 
 @functools.lru_cache(maxsize=64)
 def stage_tensors(model: ModelConfig, tp: int, pp: int, partition: str = "parameters") -> tuple[StageTensors, ...]:
@@ -265,12 +270,6 @@ class Memory:
         return out
 
 
-def _partition(numel: int, dp: int) -> int:
-    """Elements of one ZeRO-3 partition of a tensor: DeepSpeed pads each tensor to a multiple
-    of the DP size and gives every rank an equal share (stage3 `_aligned_size` / num_partitions)."""
-    return -(-numel // dp)
-
-
 def _flat_groups(stage: StageTensors, dp: int) -> list[int]:
     """ZeRO-0/1/2 and DeepSpeed's BF16_Optimizer flatten each parameter group (decayed, not
     decayed) into one buffer padded to a multiple of 2 * dp elements (`nccl_start_alignment_factor`
@@ -298,7 +297,7 @@ def model_state_memory(stage: StageTensors, layout: Layout, stage_index: int) ->
     mem = Memory(stage=stage_index)
     dp = layout.dp
     if layout.zero_stage == 3:
-        part = sum(_partition(n, dp) for n in stage.numels)
+        part = stage.zero3_partition(dp)
         groups = 2  # weight-decay and no-decay parameter groups, one flat fp32 buffer each
         params, master, grads = part * b, part * 4, part * 4
         adam = part * 8 + groups * 4  # + Adam's fp32 step tensor per group
@@ -514,7 +513,7 @@ def step_time(model: ModelConfig, layout: Layout, stage: StageTensors, hardware_
     p2p_link = nvlink if t * dp < cluster.devices_per_node else nic
     pipeline_p2p = (2 * m * activation / t / p2p_link) if layout.pp > 1 else 0.0
     offload = 0.0
-    partition = sum(_partition(n, dp) for n in stage.numels) if layout.zero_stage == 3 else sum(
+    partition = stage.zero3_partition(dp) if layout.zero_stage == 3 else sum(
         _flat_groups(stage, dp)) // dp
     if layout.offload_params != "none":
         link = cluster.nvme_gbps * GB if layout.offload_params == "nvme" else cluster.pcie_gbps * GB

@@ -89,7 +89,3 @@ def ring_bytes_sent(kind: str, size_bytes: float, ranks: int) -> float:
     factor = {"all_gather": 1, "reduce_scatter": 1, "all_reduce": 2}[kind]
     return factor * size_bytes * (ranks - 1) / ranks
 
-
-def compute_optimal_tokens_per_parameter() -> float:
-    """Hoffmann et al. 2022 (Chinchilla), Table 3 / approach 1-2: about 20 tokens per parameter."""
-    return 20.0

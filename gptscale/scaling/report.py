@@ -5,7 +5,8 @@ from gptscale.scaling.estimate import GB, Estimate, Memory
 from gptscale.scaling.search import SearchResult
 
 
-def _human(n: float) -> str:
+def human(n: float) -> str:
+    """1350400 -> '1.35M'."""
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
@@ -46,7 +47,7 @@ def estimate_text(e: Estimate) -> str:
            f"{lay.template} (ZeRO stage {lay.zero_stage}, offload parameters: {lay.offload_params}, optimizer: "
            f"{lay.offload_optimizer}), {lay.precision}, micro-batch {lay.micro_batch} x {lay.grad_accum} x seq "
            f"{lay.seq_len}, recompute {lay.recompute}",
-           f"parameters: {p['total']:,} ({_human(p['total'])}); matmul {p['matmul']:,}; per TP rank {p['per_tp_rank']:,}"]
+           f"parameters: {p['total']:,} ({human(p['total'])}); matmul {p['matmul']:,}; per TP rank {p['per_tp_rank']:,}"]
     if lay.pp > 1:
         out.append("  per stage per TP rank: " + ", ".join(f"{n:,}" for n in p["per_stage_per_tp_rank"]))
     f = d["flops"]

@@ -11,6 +11,7 @@ ranked by the estimated step time (`estimate.step_time`).
 from __future__ import annotations
 
 import itertools
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -72,8 +73,6 @@ class SearchResult:
 
 def _reason_kind(reason: str) -> str:
     """'needs 93.1 GB per device > 80 GB' and 'needs 120.4 GB ...' are one kind of refusal."""
-    import re
-
     return re.sub(r"\d+(\.\d+)?", "#", reason)
 
 

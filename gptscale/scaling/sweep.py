@@ -355,7 +355,11 @@ def collect(sweep: Sweep) -> list[dict]:
 def fit_results(sweep: Sweep, records: list[dict], budget: float | None = None) -> dict:
     """Fit L(N, D) to the finished runs; the compute-optimal N and D for `budget` FLOPs (default:
     fit.budget, else 10x the largest run's compute). Raises DataError when too few runs are done."""
-    from gptscale.scaling.fit import fit_scaling_law, optimum_intervals, poorly_constrained
+    from gptscale.scaling.fit import (
+        fit_scaling_law,
+        optimum_intervals,
+        poorly_constrained,
+    )
 
     done = [r for r in records if r["final_val_loss"] is not None]
     if not done:
