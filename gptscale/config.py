@@ -25,6 +25,9 @@ MAX_LAYERS = 10_000  # the deepest published models have a few hundred
 MAX_CONTEXT = 1 << 20  # tokens: RoPE and position tables are built for the whole context
 PIPE_ZERO3_GATHER = ("micro_batch", "step")
 PIPE_PARTITIONS = ("parameters", "blocks")
+# What a block keeps for backward: everything (none), all but the attention core softmax(QK^T)V,
+# which is recomputed (selective, Korthikanti et al. 2022), or only its input (full).
+RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,8 @@ class ModelConfig:
     # The vocabulary is padded to a multiple of (vocab_pad_multiple * tp) so that each TP
     # rank holds an equal, aligned slice; the padded logits are masked and never change the loss.
     vocab_pad_multiple: int = 64
-    activation_checkpointing: bool = False
+    # none | selective | full (RECOMPUTE above); true/false, the older spelling, mean full/none.
+    activation_checkpointing: str | bool = "none"
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -70,6 +74,8 @@ class ModelConfig:
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
+        if isinstance(self.activation_checkpointing, bool):
+            object.__setattr__(self, "activation_checkpointing", "full" if self.activation_checkpointing else "none")
         self.validate()
 
     @staticmethod
@@ -117,6 +123,9 @@ class ModelConfig:
             raise ConfigError(f"model.n_embd/n_head={self.head_dim} is odd; RoPE needs an even head size")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.activation_checkpointing not in RECOMPUTE:
+            raise ConfigError(f"model.activation_checkpointing={self.activation_checkpointing!r} is unknown; choose "
+                              f"one of {', '.join(RECOMPUTE)}")
         for name in ("norm_eps", "rope_theta", "init_std"):
             _require_finite(self, "model", name, above=0.0)
         for name, most in (("n_layer", MAX_LAYERS), ("block_size", MAX_CONTEXT)):
@@ -152,6 +161,9 @@ class ParallelConfig:
       counts; embedding and head weigh in) or `blocks` (equal numbers of blocks).
     pipe_zero3_gather: pipe_zero3 gathers a stage's parameters per `micro_batch` (least
       memory) or once per `step` for all its micro-batches (less communication).
+    sequence_parallel: Megatron's sequence parallelism (needs tp > 1): outside the
+      tensor-parallel regions (norms, dropout, residual stream) each TP rank holds 1/tp of the
+      sequence; TP's all-reduces become all-gathers and reduce-scatters of the same volume.
     """
 
     tp: int = 1
@@ -160,6 +172,7 @@ class ParallelConfig:
     mode: str = "auto"
     pipe_partition: str = "parameters"
     pipe_zero3_gather: str = "micro_batch"
+    sequence_parallel: bool = False
     # Seconds any collective may wait (NCCL / gloo): a rank that died mid-run ends the job after
     # this, not after torch's default 30 minutes. Raise it for very long saves or first steps.
     collective_timeout_s: float = 600.0
@@ -174,6 +187,9 @@ class ParallelConfig:
             raise ConfigError(f"parallel.pipe_zero3_gather={self.pipe_zero3_gather!r} is unknown; choose one of "
                               f"{', '.join(PIPE_ZERO3_GATHER)}")
         modes.check(self.mode, self.pp)
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it splits the sequence over "
+                              "the tensor-parallel ranks); set parallel.tp or sequence_parallel=false")
 
     @property
     def resolved_mode(self) -> str:
@@ -391,6 +407,10 @@ class RunConfig:
         if self.data.seq_len > self.model.block_size:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.block_size={self.model.block_size}")
         modes.check(self.parallel.mode, self.parallel.pp, self.model.tie_embeddings)
+        if self.parallel.sequence_parallel and self.data.seq_len % self.parallel.tp:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} is not divisible by parallel.tp={self.parallel.tp}, "
+                              f"which parallel.sequence_parallel splits it over; pick a seq_len that is a multiple "
+                              f"of {self.parallel.tp}")
         if self.parallel.pp > self.model.n_layer:
             raise ConfigError(f"parallel.pp={self.parallel.pp} exceeds model.n_layer={self.model.n_layer}: every "
                               f"pipeline stage needs at least one block; use parallel.pp <= {self.model.n_layer}")

@@ -23,6 +23,11 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+_RECOMPUTE = {"none": "none (every activation kept for backward)",
+              "selective": "selective (the attention core softmax(QK^T)V recomputed in backward)",
+              "full": "full (each block's input kept, the block recomputed in backward)"}
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -43,6 +48,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"per TP rank at tp={tp}: {parameters_per_tp_rank(m, tp):,} (vocabulary padded to "
           f"{m.padded_vocab_size(tp):,})")
     print(f"run mode: {cfg.parallel.resolved_mode}")
+    sp = cfg.parallel.sequence_parallel
+    print(f"sequence parallelism: {'on (norms, dropout and the residual stream on 1/' + str(tp) + ' of the sequence)' if sp else 'off'}")
+    print(f"activation recompute: {_RECOMPUTE[m.activation_checkpointing]}")
     if args.world_size:
         layout = RankLayout.for_world(args.world_size, cfg.parallel)
         print(f"\nrank layout for {args.world_size} ranks: {dataclasses.asdict(layout)} (TP fastest)")

@@ -6,7 +6,9 @@ deepspeed; a runtime wraps this model. The pieces (`embed_positions`, `Block`,
 `vocab_logits`, `lm_loss`) are also what `model/stages.py` cuts into pipeline stages.
 
 Shapes: B batch, T tokens, d = n_embd, hd = head size; a `_l` suffix means "this TP
-rank's share" (heads / tp, vocab / tp).
+rank's share" (heads / tp, vocab / tp). With sequence parallelism (`tp.sequence_parallel`)
+the residual stream between the TP regions is (B, T / tp, d), each rank's slice of the
+sequence; the layers gather and scatter it (parallel/layers.py).
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ from torch.utils.checkpoint import checkpoint
 
 from gptscale.config import ModelConfig
 from gptscale.model.loss import lm_loss
-from gptscale.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                      VocabParallelHead, mask_vocab_padding)
+from gptscale.parallel.layers import (ColumnParallelLinear, LayerNorm, RMSNorm, RowParallelLinear,
+                                      VocabParallelEmbedding, VocabParallelHead, mask_vocab_padding,
+                                      replicated_on_slice, sequence_parallel_off)
 from gptscale.parallel.primitives import gather_from_tp
 from gptscale.parallel.topology import TPGroup
 
@@ -33,10 +36,10 @@ def weight_decay_applies(name: str, shape: torch.Size | tuple[int, ...]) -> bool
     return len(shape) >= 2 and name not in NOT_DECAYED
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: ModelConfig, tp: TPGroup) -> nn.Module:
     if cfg.uses_rmsnorm:
-        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+        return RMSNorm(cfg.n_embd, tp, eps=cfg.norm_eps)
+    return LayerNorm(cfg.n_embd, tp, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 class RotaryEmbedding(nn.Module):
@@ -60,6 +63,14 @@ def embed_positions(x: torch.Tensor, pos_embed: torch.Tensor | None, start: int 
     if pos_embed is None:
         return x
     return x + pos_embed[start:start + x.shape[1]]
+
+
+def add_positions(owner: nn.Module, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """`embed_positions` with `owner.pos_embed` for the tokens x holds: under sequence
+    parallelism this rank's slice of the sequence, T / tp tokens from rank * T / tp."""
+    if owner.sequence_parallel:
+        start += owner.tp.rank * x.shape[1]
+    return embed_positions(x, replicated_on_slice(owner.pos_embed, owner), start)
 
 
 def vocab_logits(projection: nn.Module, x: torch.Tensor, vocab_size: int, tp: TPGroup) -> torch.Tensor:
@@ -112,6 +123,7 @@ class Attention(nn.Module):
         self.n_kv_l = cfg.n_kv_head // tp.size
         self.q_per_kv = cfg.n_head // cfg.n_kv_head
         self.dropout = cfg.dropout
+        self.selective_recompute = cfg.activation_checkpointing == "selective"
         qkv_out = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
         self.qkv = ColumnParallelLinear(cfg.n_embd, qkv_out, tp, bias=cfg.bias, init_std=cfg.init_std)
         # Depth-scaled init of the residual projections (GPT-2): std / sqrt(2 * n_layer).
@@ -120,8 +132,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
-        B, T, _ = x.shape
-        qkv = self.qkv(x).view(B, T, self.n_kv_l, self.q_per_kv + 2, self.head_dim)
+        qkv = self.qkv(x)  # (B, T, (n_head_l + 2 n_kv_l) hd); the whole sequence under sequence parallelism
+        B, T, _ = qkv.shape
+        qkv = qkv.view(B, T, self.n_kv_l, self.q_per_kv + 2, self.head_dim)
         q = qkv[:, :, :, :self.q_per_kv].reshape(B, T, self.n_head_l, self.head_dim).transpose(1, 2)
         k = qkv[:, :, :, self.q_per_kv].transpose(1, 2)  # (B, n_kv_l, T, hd)
         v = qkv[:, :, :, self.q_per_kv + 1].transpose(1, 2)  # (B, n_kv_l, T, hd)
@@ -131,11 +144,20 @@ class Attention(nn.Module):
         cached = cache.length if cache is not None else 0
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv_l, cached + T, hd)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=_causal_mask(T, cached, x.device), is_causal=cached == 0,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.q_per_kv > 1)
+        if self.selective_recompute and self.training and cache is None:
+            # Selective recompute (Korthikanti et al. 2022): keep q, k, v, not the core's output
+            # and statistics, and run softmax(QK^T)V again in backward (the RNG is replayed).
+            y = checkpoint(self._core, q, k, v, 0, use_reentrant=False)
+        else:
+            y = self._core(q, k, v, cached)
         y = y.transpose(1, 2).reshape(B, T, self.n_head_l * self.head_dim)  # (B, T, d / tp)
         return self.proj(y)
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cached: int) -> torch.Tensor:
+        """softmax(QK^T / sqrt(hd)) V, causal after `cached` earlier tokens: (B, n_head_l, T, hd)."""
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=_causal_mask(q.shape[2], cached, q.device), is_causal=cached == 0,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.q_per_kv > 1)
 
 
 def _causal_mask(T: int, cached: int, device: torch.device) -> torch.Tensor | None:
@@ -158,26 +180,27 @@ class MLP(nn.Module):
         self.down = RowParallelLinear(f, d, tp, bias=cfg.bias, init_std=std / math.sqrt(2 * cfg.n_layer))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.up.region_input(x)  # once for gate and up: (B, T, d), gathered under sequence parallelism
         if self.gated:
-            h = F.silu(self.gate(x)) * self.up(x)  # (B, T, f / tp)
+            h = F.silu(self.gate(x, entered=True)) * self.up(x, entered=True)  # (B, T, f / tp)
         else:
-            h = F.gelu(self.up(x), approximate="tanh")  # (B, T, f / tp)
+            h = F.gelu(self.up(x, entered=True), approximate="tanh")  # (B, T, f / tp)
         return self.down(h)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPGroup):
         super().__init__()
-        self.norm1 = make_norm(cfg)
+        self.norm1 = make_norm(cfg, tp)
         self.attn = Attention(cfg, tp)
-        self.norm2 = make_norm(cfg)
+        self.norm2 = make_norm(cfg, tp)
         self.mlp = MLP(cfg, tp)
         self.drop = nn.Dropout(cfg.dropout)
 
-        self.recompute = cfg.activation_checkpointing
+        self.full_recompute = cfg.activation_checkpointing == "full"
 
     def forward(self, x, rope=None, cache=None, layer=0):
-        if self.recompute and self.training and cache is None:
+        if self.full_recompute and self.training and cache is None:
             # Activation recompute, for every run mode: keep only the block's input and run the
             # block again during backward (torch's non-reentrant checkpoint replays the RNG).
             return checkpoint(self._forward, x, rope, use_reentrant=False)
@@ -202,7 +225,7 @@ class GPT(nn.Module):
         super().__init__()
         tp = tp or TPGroup.single()
         cfg.check_tensor_parallel(tp.size)
-        self.cfg, self.tp = cfg, tp
+        self.cfg, self.tp, self.sequence_parallel = cfg, tp, tp.sequence_parallel
         self.padded_vocab = cfg.padded_vocab_size(tp.size)
         self.embed = VocabParallelEmbedding(cfg.vocab_size, self.padded_vocab, cfg.n_embd, tp, init_std=cfg.init_std)
         # A bare Parameter initialised here, not an nn.Embedding initialised afterwards: under
@@ -213,18 +236,23 @@ class GPT(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.block_size, cfg.rope_theta) if cfg.uses_rope else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, tp) for _ in range(cfg.n_layer))
-        self.norm_f = make_norm(cfg)
+        self.norm_f = make_norm(cfg, tp)
         self.head = None if cfg.tie_embeddings else VocabParallelHead(
             cfg.n_embd, cfg.vocab_size, self.padded_vocab, tp, init_std=cfg.init_std)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 cache: KVCache | None = None, num_valid_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+        if cache is not None and self.sequence_parallel:
+            with sequence_parallel_off(self):  # decoding feeds one token at a time: nothing to split
+                return self.forward(input_ids, labels, cache, num_valid_tokens)
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.block_size={self.cfg.block_size}")
+        if self.sequence_parallel and T % self.tp.size:
+            raise ValueError(f"sequence parallelism splits {T} tokens over {self.tp.size} TP ranks: not divisible")
 
-        x = self.drop(embed_positions(self.embed(input_ids), self.pos_embed, start))  # (B, T, d)
+        x = self.drop(add_positions(self, self.embed(input_ids), start))  # (B, T, d); T / tp under SP
         rope = self.rope(torch.arange(start, start + T, device=input_ids.device)) if self.rope is not None else None
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, cache, layer)

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from gptscale.config import ModelConfig
-from gptscale.model.gpt import Block, RotaryEmbedding, embed_positions, make_norm, vocab_logits
+from gptscale.model.gpt import Block, RotaryEmbedding, add_positions, make_norm, vocab_logits
 from gptscale.parallel.layers import VocabParallelEmbedding, VocabParallelHead
 from gptscale.parallel.topology import TPGroup
 
@@ -52,15 +52,16 @@ def unembed(module: TokenEmbedding, x: torch.Tensor) -> torch.Tensor:
 class InputPositions(nn.Module):
     """Learned positions (gpt2) and embedding dropout; for RoPE models only the dropout."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup):
         super().__init__()
+        self.tp, self.sequence_parallel = tp, tp.sequence_parallel
         self.pos_embed = None
         if not cfg.uses_rope:
             self.pos_embed = nn.Parameter(torch.empty(cfg.block_size, cfg.n_embd).normal_(std=cfg.init_std))
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(embed_positions(x, self.pos_embed))
+        return self.drop(add_positions(self, x))
 
 
 class PipeBlock(Block):
@@ -72,14 +73,15 @@ class PipeBlock(Block):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.block_size, cfg.rope_theta) if cfg.uses_rope else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rope = self.rope(torch.arange(x.shape[1], device=x.device)) if self.rope is not None else None
+        tokens = x.shape[1] * (self.attn.qkv.tp.size if self.attn.qkv.sequence_parallel else 1)  # attention sees all
+        rope = self.rope(torch.arange(tokens, device=x.device)) if self.rope is not None else None
         return super().forward(x, rope)
 
 
 class FinalNorm(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup):
         super().__init__()
-        self.norm_f = make_norm(cfg)
+        self.norm_f = make_norm(cfg, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm_f(x)
@@ -121,9 +123,9 @@ def stage_layers(cfg: ModelConfig, tp: TPGroup) -> list[StageLayer]:
     """The GPT of `cfg` as pipeline layers, in order."""
     tie = TIED_EMBEDDING if cfg.tie_embeddings else None
     layers = [StageLayer(TokenEmbedding, (cfg, tp), prefix="", tie_key=tie),
-              StageLayer(InputPositions, (cfg,), prefix="")]
+              StageLayer(InputPositions, (cfg, tp), prefix="")]
     layers += [StageLayer(PipeBlock, (cfg, tp), prefix=f"blocks.{i}.", is_block=True) for i in range(cfg.n_layer)]
-    layers.append(StageLayer(FinalNorm, (cfg,), prefix=""))
+    layers.append(StageLayer(FinalNorm, (cfg, tp), prefix=""))
     if cfg.tie_embeddings:
         # The same TokenEmbedding module; its weight is kept equal across the first and last
         # stage, whose gradients are summed, exactly as one shared matrix in the dense model.

@@ -10,16 +10,27 @@ table that checkpoint merge/split and LoRA read:
 
 Split parameters also carry `tensor_model_parallel = True`, the attribute DeepSpeed reads
 to avoid counting replicated parameters once per TP rank in the gradient norm.
+
+Sequence parallelism (`tp.sequence_parallel`): outside the TP regions the activations are
+(B, T / tp, d), a different slice of the sequence on each rank. A column-parallel layer's
+input is then all-gathered (its gradient reduce-scattered) and a row-parallel layer's output
+reduce-scattered (its gradient all-gathered). A replicated parameter used on a sequence
+slice (norms, the row-parallel bias, learned positions) sees only its slice's gradient, so
+it enters through `copy_to_tp` (`replicated_on_slice`), whose backward sums over the group.
+Every such layer has a `sequence_parallel` attribute; `sequence_parallel_off` clears them
+for incremental decoding, where one new token cannot be split.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptscale.parallel.primitives import all_reduce_no_grad, copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
+from gptscale.parallel.primitives import (all_reduce_no_grad, copy_to_tp, gather_from_tp, gather_sequence, reduce_from_tp,
+                                          reduce_scatter_sequence, scatter_to_tp)
 from gptscale.parallel.topology import TPGroup
 
 IGNORE_INDEX = -100  # label value that contributes no loss (prompt tokens in SFT, padding)
@@ -53,6 +64,50 @@ def _divide(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
+def replicated_on_slice(param: torch.Tensor | None, layer: nn.Module) -> torch.Tensor | None:
+    """A replicated parameter as `layer` uses it: under sequence parallelism through
+    `copy_to_tp`, so its gradient is the sum over every rank's slice of the sequence."""
+    if param is None or not layer.sequence_parallel:
+        return param
+    return copy_to_tp(param, layer.tp)
+
+
+@contextlib.contextmanager
+def sequence_parallel_off(model: nn.Module):
+    """Run `model` with whole sequences on every TP rank (decoding: one new token cannot be split)."""
+    layers = [m for m in model.modules() if getattr(m, "sequence_parallel", False)]
+    for layer in layers:
+        layer.sequence_parallel = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.sequence_parallel = True
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that may run on a slice of the sequence (see replicated_on_slice)."""
+
+    def __init__(self, dim: int, tp: TPGroup, *, eps: float, bias: bool):
+        super().__init__(dim, eps=eps, bias=bias)
+        self.tp, self.sequence_parallel = tp, tp.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, replicated_on_slice(self.weight, self),
+                            replicated_on_slice(self.bias, self), self.eps)
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm that may run on a slice of the sequence (see replicated_on_slice)."""
+
+    def __init__(self, dim: int, tp: TPGroup, *, eps: float):
+        super().__init__(dim, eps=eps)
+        self.tp, self.sequence_parallel = tp, tp.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, replicated_on_slice(self.weight, self), self.eps)
+
+
 def _init_normal(weight: torch.Tensor, std: float) -> None:
     with torch.no_grad():
         weight.normal_(mean=0.0, std=std)
@@ -62,6 +117,8 @@ class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A split by rows (output features): each rank computes a slice of y.
 
     gather_output=False leaves y split on the last dimension, ready for a RowParallelLinear.
+    Layers that read the same input (Llama's gate and up) enter the TP region once:
+    `x = layer.region_input(x)`, then `layer(x, entered=True)` for each.
     """
 
     weight_split = Split.COLUMN
@@ -69,7 +126,7 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, tp: TPGroup, *, bias: bool = True,
                  gather_output: bool = False, init_std: float = 0.02):
         super().__init__()
-        self.tp, self.gather_output = tp, gather_output
+        self.tp, self.gather_output, self.sequence_parallel = tp, gather_output, tp.sequence_parallel
         self.in_features, self.out_features = in_features, out_features
         local_out = _divide(out_features, tp.size, "output features")
         self.weight = mark_split(nn.Parameter(torch.empty(local_out, in_features)), self.weight_split)
@@ -78,8 +135,13 @@ class ColumnParallelLinear(nn.Module):
         if bias:
             self.bias = mark_split(nn.Parameter(torch.zeros(local_out)), Split.COLUMN)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tp(x, self.tp), self.weight, self.bias)
+    def region_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The TP region's input on every rank: the whole sequence gathered (sequence
+        parallelism) or x itself; the backward sums the ranks' input gradients either way."""
+        return gather_sequence(x, self.tp) if self.sequence_parallel else copy_to_tp(x, self.tp)
+
+    def forward(self, x: torch.Tensor, entered: bool = False) -> torch.Tensor:
+        y = F.linear(x if entered else self.region_input(x), self.weight, self.bias)
         return gather_from_tp(y, self.tp) if self.gather_output else y
 
 
@@ -94,7 +156,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, tp: TPGroup, *, bias: bool = True,
                  input_is_parallel: bool = True, init_std: float = 0.02):
         super().__init__()
-        self.tp, self.input_is_parallel = tp, input_is_parallel
+        self.tp, self.input_is_parallel, self.sequence_parallel = tp, input_is_parallel, tp.sequence_parallel
         self.in_features, self.out_features = in_features, out_features
         local_in = _divide(in_features, tp.size, "input features")
         self.weight = mark_split(nn.Parameter(torch.empty(out_features, local_in)), Split.ROW)
@@ -104,8 +166,16 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.tp)
-        y = reduce_from_tp(F.linear(x, self.weight), self.tp)
-        return y if self.bias is None else y + self.bias
+        return self.region_output(F.linear(x, self.weight))
+
+    def region_output(self, partial: torch.Tensor) -> torch.Tensor:
+        """The ranks' partial sums -> their sum (this rank's sequence slice of it under sequence
+        parallelism), plus the bias."""
+        if self.sequence_parallel:
+            y = reduce_scatter_sequence(partial, self.tp)  # (B, T / tp, out)
+        else:
+            y = reduce_from_tp(partial, self.tp)
+        return y if self.bias is None else y + replicated_on_slice(self.bias, self)
 
 
 def _zero_padding_rows(weight: torch.Tensor, vocab_size: int, vocab_start: int) -> None:
@@ -121,6 +191,7 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, padded_vocab: int, dim: int, tp: TPGroup, *, init_std: float = 0.02):
         super().__init__()
         self.tp, self.vocab_size, self.padded_vocab = tp, vocab_size, padded_vocab
+        self.sequence_parallel = tp.sequence_parallel
         local = _divide(padded_vocab, tp.size, "padded vocabulary")
         self.vocab_start = tp.rank * local
         self.weight = mark_split(nn.Parameter(torch.empty(local, dim)), Split.VOCAB)
@@ -134,13 +205,16 @@ class VocabParallelEmbedding(nn.Module):
         module's partitioned parameters only while that module's forward runs.
         """
         if unembed is not None:
-            return F.linear(copy_to_tp(unembed, self.tp), self.weight)  # (..., V_pad / tp)
+            x = gather_sequence(unembed, self.tp) if self.sequence_parallel else copy_to_tp(unembed, self.tp)
+            return F.linear(x, self.weight)  # (..., V_pad / tp)
         if self.tp.size == 1:
             return F.embedding(ids, self.weight)
         local_ids = ids - self.vocab_start
         foreign = (local_ids < 0) | (local_ids >= self.weight.shape[0])  # rows another rank holds
-        out = F.embedding(local_ids.masked_fill(foreign, 0), self.weight)
-        return reduce_from_tp(out.masked_fill(foreign.unsqueeze(-1), 0.0), self.tp)
+        out = F.embedding(local_ids.masked_fill(foreign, 0), self.weight).masked_fill(foreign.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_sequence(out, self.tp)  # (B, T / tp, d)
+        return reduce_from_tp(out, self.tp)
 
 
 class VocabParallelHead(ColumnParallelLinear):

@@ -36,7 +36,7 @@ from gptscale.config import LoRAConfig
 from gptscale.errors import ConfigError
 from gptscale.parallel.layers import (ColumnParallelLinear, RowParallelLinear, Split, VocabParallelHead,
                                       mark_split)
-from gptscale.parallel.primitives import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
+from gptscale.parallel.primitives import copy_to_tp, gather_from_tp, scatter_to_tp
 
 ADAPTER_MARK = ".lora_"  # in the canonical name of every adapter weight, and of nothing else
 
@@ -103,8 +103,9 @@ class _LoRA:
 
 
 class LoRAColumnParallelLinear(_LoRA, ColumnParallelLinear):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = copy_to_tp(x, self.tp)  # its backward sums the input gradients of both paths
+    def forward(self, x: torch.Tensor, entered: bool = False) -> torch.Tensor:
+        if not entered:
+            x = self.region_input(x)  # its backward sums the input gradients of both paths
         y = F.linear(x, self.weight, self.bias)  # (..., out / tp)
         if not self.lora_merged:
             y = y + self.lora_scaling * self.lora_B(self.lora_A(self.lora_dropout(x)))  # via (..., r)
@@ -122,8 +123,7 @@ class LoRARowParallelLinear(_LoRA, RowParallelLinear):
         y = F.linear(x, self.weight)  # this rank's partial sum, (..., out)
         if not self.lora_merged:
             y = y + self.lora_scaling * self.lora_B(self.lora_A(self.lora_dropout(x)))  # B (A_i x_i)
-        y = reduce_from_tp(y, self.tp)
-        return y if self.bias is None else y + self.bias
+        return self.region_output(y)
 
 
 # base class -> (adapted class, A's split, B's split); most specific first

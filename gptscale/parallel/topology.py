@@ -85,6 +85,10 @@ class TPGroup:
     group: object | None
     rank: int
     size: int
+    # Megatron's sequence parallelism (parallel.sequence_parallel): between the TP regions each
+    # rank holds 1/size of the sequence; layers built with this group enter and leave their
+    # regions by all-gather and reduce-scatter instead of identity and all-reduce.
+    sequence_parallel: bool = False
 
     @classmethod
     def single(cls) -> "TPGroup":
@@ -100,7 +104,8 @@ class TPGroup:
 class Topology:
     """Process groups for one rank of a RankLayout; also DeepSpeed's `mpu` interface."""
 
-    def __init__(self, layout: RankLayout, rank: int, timeout_s: float | None = None):
+    def __init__(self, layout: RankLayout, rank: int, timeout_s: float | None = None,
+                 sequence_parallel: bool = False):
         from datetime import timedelta
 
         import torch.distributed as dist
@@ -110,6 +115,7 @@ class Topology:
                               f"does not equal the launched world size {dist.get_world_size()}")
         self.layout = layout
         self.rank = rank
+        self.sequence_parallel = sequence_parallel
         self.coords = layout.coords(rank)
         self._ranks: dict[str, list[int]] = {}
         self._groups: dict[str, object] = {}
@@ -127,7 +133,7 @@ class Topology:
         import torch.distributed as dist
 
         layout = RankLayout.for_world(dist.get_world_size(), parallel)
-        return cls(layout, dist.get_rank(), parallel.collective_timeout_s)
+        return cls(layout, dist.get_rank(), parallel.collective_timeout_s, parallel.sequence_parallel)
 
     def group(self, axis: str) -> object:
         return self._groups[axis]
@@ -137,7 +143,8 @@ class Topology:
 
     @property
     def tp_group(self) -> TPGroup:
-        return TPGroup(group=self._groups["tp"], rank=self.coords.tp, size=self.layout.tp)
+        return TPGroup(group=self._groups["tp"], rank=self.coords.tp, size=self.layout.tp,
+                       sequence_parallel=self.sequence_parallel)
 
     def pipe_peer(self, stage: int) -> int | None:
         """The rank holding pipeline stage `stage` for this rank's TP and DP coordinates (None

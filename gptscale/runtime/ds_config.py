@@ -43,6 +43,10 @@ def assemble(cfg: RunConfig, dp_size: int, on_gpu: bool, template: dict | None =
             # Without CUDA and without offload, DeepSpeed's fused Adam is unavailable: use torch's.
             **({} if on_gpu or offloads_optimizer else {"torch_adam": True})}},
     })
+    if cfg.parallel.sequence_parallel and "pipeline" in ds:
+        # DeepSpeed's activation partitioning sends 1/tp of a tensor it assumes every TP rank
+        # holds whole; under sequence parallelism each rank holds its own slice, sent whole.
+        ds["pipeline"] = {**ds["pipeline"], "pipe_partitioned": False, "grad_partitioned": False}
     if t.precision != "fp32":
         ds.update(load_json(TEMPLATE_DIR / "precision" / f"{t.precision}.json", "precision template"))
     return ds

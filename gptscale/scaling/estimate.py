@@ -156,7 +156,7 @@ def layout_of(cfg: RunConfig, devices: int | None = None) -> Layout:
         offload_params=_offload_target(zero, "offload_param"),
         offload_optimizer=_offload_target(zero, "offload_optimizer"),
         precision=cfg.train.precision, micro_batch=cfg.train.micro_batch, grad_accum=cfg.train.grad_accum,
-        seq_len=cfg.data.seq_len, recompute="full" if cfg.model.activation_checkpointing else "none",
+        seq_len=cfg.data.seq_len, recompute=cfg.model.activation_checkpointing, sequence_parallel=p.sequence_parallel,
         pipe_zero3_gather=p.pipe_zero3_gather, pipe_partition=p.pipe_partition,
         persistence_threshold=_template_int(zero, "stage3_param_persistence_threshold", 100_000),
         prefetch_bucket=_template_int(zero, "stage3_prefetch_bucket_size", 50_000_000),
@@ -373,8 +373,10 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout) -> float:
         and up outputs, the SiLU output and the product, 4·b·sf/t
       dropout (model.dropout > 0): a 1-byte mask after attention and after the MLP
     times the micro-batch. Checked exactly by bench/estimate_vs_measured.py (equal bytes on
-    both families, fp32). Sequence parallelism divides the replicated terms by t (section
-    4.2.2); selective recompute drops SDPA's output and logsumexp.
+    both families, fp32). Sequence parallelism divides the norms' and dropout's terms by t
+    (section 4.2.2); the linears' inputs are the gathered sequence, kept whole (Megatron keeps
+    the 1/t shard and gathers it again in backward, not done here: Korthikanti's 34/t needs
+    that); selective recompute drops SDPA's output and logsumexp.
     """
     b = PRECISION_BYTES[layout.precision]
     s, t, h, f = layout.seq_len, layout.tp, model.n_embd, model.ffn_hidden
@@ -383,8 +385,8 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout) -> float:
     norm = _norm_bytes(model, b, s, h) / rep
     rotated = b * s * (n + k) * q / t if model.uses_rope else 0
     sdpa = b * s * h / t + 4 * s * n / t
-    attention = b * s * h / rep + b * s * (n + 2 * k) * q / t + rotated + sdpa
-    mlp = b * s * h / rep + (4 if model.uses_gated_mlp else 2) * b * s * f / t
+    attention = b * s * h + b * s * (n + 2 * k) * q / t + rotated + sdpa
+    mlp = b * s * h + (4 if model.uses_gated_mlp else 2) * b * s * f / t
     dropout = 2 * s * h / rep if model.dropout > 0 else 0
     total = 2 * norm + attention + mlp + dropout
     if layout.recompute == "selective":

@@ -42,8 +42,12 @@ def test_load_yaml_with_preset_and_overrides(tmp_path):
     (["parallel.pp=2", "parallel.mode=zero3"], "parallel.mode=zero3 cannot use parallel.pp=2"),
     (["parallel.mode=pipeline"], "parallel.mode='pipeline' is unknown; choose one of auto, zero3, pipe"),
     (["parallel.pipe_partition=type"], "parallel.pipe_partition='type' is unknown"),
-    (["parallel.mode=pipe_zero3", "parallel.pp=2"], "parallel.mode=pipe_zero3 does not support tied embeddings"),
     (["parallel.pipe_zero3_gather=never"], "parallel.pipe_zero3_gather='never' is unknown"),
+    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel=true needs parallel.tp > 1"),
+    (["parallel.sequence_parallel=true", "parallel.tp=4", "data.synthetic=true", "data.seq_len=30"],
+     "data.seq_len=30 is not divisible by parallel.tp=4, which parallel.sequence_parallel splits it over"),
+    (["model.activation_checkpointing=attention"], "model.activation_checkpointing='attention' is unknown; choose "
+                                                   "one of none, selective, full"),
 ])
 def test_bad_input_gets_one_clear_error(overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -87,7 +91,7 @@ def test_mode_follows_pipeline_degree_unless_set():
     assert config.load(None, []).parallel.resolved_mode == "zero3"
     assert config.load(None, ["parallel.pp=2"]).parallel.resolved_mode == "pipe"
     assert config.load(None, ["parallel.mode=pipe"]).parallel.resolved_mode == "pipe"  # one stage is allowed
-    assert config.load(None, ["parallel.mode=pipe_zero3", "parallel.pp=2", "model.tie_embeddings=false"]
+    assert config.load(None, ["parallel.mode=pipe_zero3", "parallel.pp=2"]  # GPT-2's tied embedding too
                        ).parallel.resolved_mode == "pipe_zero3"
 
 
@@ -129,3 +133,9 @@ def test_a_config_file_with_a_key_twice_or_aliases_is_refused(tmp_path):
     bomb.write_text("\n".join(lines) + "\n")
     with pytest.raises(ConfigError, match="aliases"):
         config.load(bomb)
+
+
+def test_activation_checkpointing_reads_the_older_true_false_spelling():
+    assert config.load(None, ["model.activation_checkpointing=true"]).model.activation_checkpointing == "full"
+    assert config.load(None, ["model.activation_checkpointing=false"]).model.activation_checkpointing == "none"
+    assert config.load(None, ["model.activation_checkpointing=selective"]).model.activation_checkpointing == "selective"
