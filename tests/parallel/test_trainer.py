@@ -19,14 +19,21 @@ def test_zero3_equals_plain_adamw_and_tp2_equals_tp1_and_recomputation_changes_n
     zero3 = synthetic(tmp_path, "dp2", f"train.init_from={init_weights}")
     # tp=2 leaves dp=1: twice the micro-batch keeps the global batch (and its rows) the same.
     tp = synthetic(tmp_path, "tp2", f"train.init_from={init_weights}", "parallel.tp=2", "train.micro_batch=4")
-    recompute = synthetic(tmp_path, "ckpt", f"train.init_from={init_weights}", "model.activation_checkpointing=true")
+    recompute = synthetic(tmp_path, "ckpt", f"train.init_from={init_weights}", "model.activation_checkpointing=full")
+    selective = synthetic(tmp_path, "selective", f"train.init_from={init_weights}",
+                          "model.activation_checkpointing=selective", "model.dropout=0.1")
+    dropout = synthetic(tmp_path, "dropout", f"train.init_from={init_weights}", "model.dropout=0.1")
     # Strong weight decay: ZeRO-3 partitions parameters as they are built, so the decay rule must
     # read their whole shape (an empty partition looks like a vector, which is never decayed).
     decay = synthetic(tmp_path, "decay", f"train.init_from={init_weights}", "train.weight_decay=2.0", "train.lr=1e-2",
                       "train.min_lr=1e-3")
-    results = run_ranks(train_layouts, 2, [zero3, tp, recompute, decay], timeout=400, env=ENV)  # one start-up
-    dp2, tp2, recomputed, decayed = ([rank_results[i] for rank_results in results] for i in range(4))
+    results = run_ranks(train_layouts, 2, [zero3, tp, recompute, decay, selective, dropout], timeout=400,
+                        env=ENV)  # one start-up
+    dp2, tp2, recomputed, decayed, selected, dropped = ([rank_results[i] for rank_results in results]
+                                                        for i in range(6))
     assert recomputed[0]["losses"] == dp2[0]["losses"]  # bitwise: recomputation replays the same fp32 ops
+    # Selective recompute, with attention dropout on: the replayed core draws the same mask.
+    assert selected[0]["losses"] == dropped[0]["losses"] and dropped[0]["losses"] != dp2[0]["losses"]
     reference = plain_adamw_losses(zero3, init_weights, 5)
     for rank in range(2):
         assert dp2[rank]["losses"] == dp2[0]["losses"] and tp2[rank]["losses"] == tp2[0]["losses"]
