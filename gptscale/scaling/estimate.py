@@ -376,7 +376,9 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout) -> float:
     both families, fp32). Sequence parallelism divides the norms' and dropout's terms by t
     (section 4.2.2); the linears' inputs are the gathered sequence, kept whole (Megatron keeps
     the 1/t shard and gathers it again in backward, not done here: Korthikanti's 34/t needs
-    that); selective recompute drops SDPA's output and logsumexp.
+    that). Selective recompute drops only SDPA's logsumexp: its output is the projection's input,
+    kept anyway, and the fused kernel keeps no s x s scores to drop (measured,
+    bench/activation_memory.py; with attention dropout torch's CPU math kernel does keep them).
     """
     b = PRECISION_BYTES[layout.precision]
     s, t, h, f = layout.seq_len, layout.tp, model.n_embd, model.ffn_hidden
@@ -384,13 +386,14 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout) -> float:
     rep = t if layout.sequence_parallel else 1  # the replicated (sequence) dimension's divisor
     norm = _norm_bytes(model, b, s, h) / rep
     rotated = b * s * (n + k) * q / t if model.uses_rope else 0
-    sdpa = b * s * h / t + 4 * s * n / t
+    logsumexp = 4 * s * n / t
+    sdpa = b * s * h / t + logsumexp
     attention = b * s * h + b * s * (n + 2 * k) * q / t + rotated + sdpa
     mlp = b * s * h + (4 if model.uses_gated_mlp else 2) * b * s * f / t
     dropout = 2 * s * h / rep if model.dropout > 0 else 0
     total = 2 * norm + attention + mlp + dropout
     if layout.recompute == "selective":
-        total -= sdpa
+        total -= logsumexp
     return total * layout.micro_batch
 
 
