@@ -161,6 +161,8 @@ class ParallelConfig:
       counts; embedding and head weigh in) or `blocks` (equal numbers of blocks).
     pipe_zero3_gather: pipe_zero3 gathers a stage's parameters per `micro_batch` (least
       memory) or once per `step` for all its micro-batches (less communication).
+    virtual_stages: interleaved 1F1B (Narayanan et al. 2021) in pipe_zero3: each stage holds
+      this many model chunks (stage s: chunks s, pp + s, ...); the bubble shrinks by this factor.
     sequence_parallel: Megatron's sequence parallelism (needs tp > 1): outside the
       tensor-parallel regions (norms, dropout, residual stream) each TP rank holds 1/tp of the
       sequence; TP's all-reduces become all-gathers and reduce-scatters of the same volume.
@@ -172,13 +174,14 @@ class ParallelConfig:
     mode: str = "auto"
     pipe_partition: str = "parameters"
     pipe_zero3_gather: str = "micro_batch"
+    virtual_stages: int = 1
     sequence_parallel: bool = False
     # Seconds any collective may wait (NCCL / gloo): a rank that died mid-run ends the job after
     # this, not after torch's default 30 minutes. Raise it for very long saves or first steps.
     collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        _require_positive(self, "parallel", ("tp", "pp", "dp"))
+        _require_positive(self, "parallel", ("tp", "pp", "dp", "virtual_stages"))
         _require_finite(self, "parallel", "collective_timeout_s", above=0.0)
         if self.pipe_partition not in PIPE_PARTITIONS:
             raise ConfigError(f"parallel.pipe_partition={self.pipe_partition!r} is unknown; choose one of "
@@ -187,6 +190,10 @@ class ParallelConfig:
             raise ConfigError(f"parallel.pipe_zero3_gather={self.pipe_zero3_gather!r} is unknown; choose one of "
                               f"{', '.join(PIPE_ZERO3_GATHER)}")
         modes.check(self.mode, self.pp)
+        if self.virtual_stages > 1 and (self.pp == 1 or self.resolved_mode != "pipe_zero3"):
+            raise ConfigError(f"parallel.virtual_stages={self.virtual_stages} interleaves pipeline stages, which "
+                              f"gptscale's own schedule does: set parallel.mode=pipe_zero3 and parallel.pp > 1, or "
+                              f"virtual_stages=1")
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it splits the sequence over "
                               "the tensor-parallel ranks); set parallel.tp or sequence_parallel=false")
@@ -411,6 +418,14 @@ class RunConfig:
             raise ConfigError(f"data.seq_len={self.data.seq_len} is not divisible by parallel.tp={self.parallel.tp}, "
                               f"which parallel.sequence_parallel splits it over; pick a seq_len that is a multiple "
                               f"of {self.parallel.tp}")
+        v, pp = self.parallel.virtual_stages, self.parallel.pp
+        if v > 1 and self.model.n_layer % (pp * v):
+            raise ConfigError(f"parallel.virtual_stages={v} does not divide the {self.model.n_layer / pp:g} blocks per "
+                              f"stage (model.n_layer={self.model.n_layer}, parallel.pp={pp}); each stage needs "
+                              f"{v} chunks of whole blocks: make n_layer a multiple of pp * virtual_stages = {pp * v}")
+        if v > 1 and self.train.grad_accum % pp:
+            raise ConfigError(f"train.grad_accum={self.train.grad_accum} is not a multiple of parallel.pp={pp}; "
+                              f"interleaved 1F1B (parallel.virtual_stages={v}) takes micro-batches in groups of pp")
         if self.parallel.pp > self.model.n_layer:
             raise ConfigError(f"parallel.pp={self.parallel.pp} exceeds model.n_layer={self.model.n_layer}: every "
                               f"pipeline stage needs at least one block; use parallel.pp <= {self.model.n_layer}")

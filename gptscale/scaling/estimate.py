@@ -157,6 +157,7 @@ def layout_of(cfg: RunConfig, devices: int | None = None) -> Layout:
         offload_optimizer=_offload_target(zero, "offload_optimizer"),
         precision=cfg.train.precision, micro_batch=cfg.train.micro_batch, grad_accum=cfg.train.grad_accum,
         seq_len=cfg.data.seq_len, recompute=cfg.model.activation_checkpointing, sequence_parallel=p.sequence_parallel,
+        virtual_stages=p.virtual_stages,
         pipe_zero3_gather=p.pipe_zero3_gather, pipe_partition=p.pipe_partition,
         persistence_threshold=_template_int(zero, "stage3_param_persistence_threshold", 100_000),
         prefetch_bucket=_template_int(zero, "stage3_prefetch_bucket_size", 50_000_000),
@@ -435,12 +436,18 @@ def activation_memory(model: ModelConfig, layout: Layout, stage: StageTensors, s
 
     Micro-batches in flight: one without a pipeline (gradient accumulation finishes each
     micro-batch's backward before the next forward); with 1F1B, stage i of p holds up to
-    min(p - i, m) (Narayanan et al. 2021, section 2.2.1: the first stage p).
+    min(p - i, m) (Narayanan et al. 2021, section 2.2.1: the first stage p); interleaved over v
+    chunks, min(warm-up + 1, m·v) chunks of 1/v of the stage each (formulas.one_f_one_b_warmup;
+    the first stage about p + (p - 2)/v micro-batches' worth: more than plain 1F1B).
     Full recompute keeps each block's input (b·sh per sequence, /t with sequence parallelism)
     and rematerialises one block at a time in backward.
     """
     per_layer = layer_activation_bytes(model, layout)
-    in_flight = min(layout.pp - stage_index, layout.grad_accum) if layout.pp > 1 else 1
+    in_flight = 1.0
+    if layout.pp > 1:  # in whole stages' worth: with v chunks each holds 1/v of the stage's blocks
+        v = layout.virtual_stages
+        warmup = formulas.one_f_one_b_warmup(layout.pp, stage_index, layout.grad_accum, v)
+        in_flight = min(warmup + 1, layout.grad_accum * v) / v
     edges, logits = edge_activation_bytes(model, layout, stage)
     if layout.recompute == "full":
         b = PRECISION_BYTES[layout.precision]

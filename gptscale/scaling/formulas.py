@@ -80,6 +80,17 @@ def pipeline_bubble_fraction(stages: int, micro_batches: int, virtual_stages: in
     return bubble / (micro_batches + bubble)
 
 
+def one_f_one_b_warmup(stages: int, stage: int, micro_batches: int, virtual_stages: int = 1) -> int:
+    """Forwards stage `stage` runs before its first backward in 1F1B: p - s - 1 (Narayanan et
+    al. 2021, 2.2.1); interleaved over v chunks, (p - s - 1)·2 + (v - 1)·p chunk forwards
+    (Megatron-LM's schedule); at most the step's m·v. One more is in flight at the first
+    backward, so a stage keeps min(warm-up + 1, m·v) chunks' activations at its peak."""
+    p, s, m, v = stages, stage, micro_batches, virtual_stages
+    if v == 1:
+        return min(p - s - 1, m)
+    return min((p - s - 1) * 2 + (v - 1) * p, m * v)
+
+
 def ring_bytes_sent(kind: str, size_bytes: float, ranks: int) -> float:
     """Bytes each rank sends in a ring collective over `ranks` (Thakur et al. 2005; NCCL's
     algorithm bandwidth): all-gather / reduce-scatter of a whole of S bytes: S (n-1)/n;
