@@ -413,7 +413,6 @@ class RunConfig:
             object.__setattr__(self, "data", dataclasses.replace(self.data, seq_len=self.model.block_size))
         if self.data.seq_len > self.model.block_size:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.block_size={self.model.block_size}")
-        modes.check(self.parallel.mode, self.parallel.pp, self.model.tie_embeddings)
         if self.parallel.sequence_parallel and self.data.seq_len % self.parallel.tp:
             raise ConfigError(f"data.seq_len={self.data.seq_len} is not divisible by parallel.tp={self.parallel.tp}, "
                               f"which parallel.sequence_parallel splits it over; pick a seq_len that is a multiple "

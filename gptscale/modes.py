@@ -39,7 +39,6 @@ class ModeSpec:
     default_template: str  # ds_configs/<name>.json when train.ds_config is unset
     zero_stages: tuple[int, ...]  # ZeRO stages this mode's engine runs
     zero_stages_refusal: str  # the rest of the error for another stage ("{pp}": parallel.pp)
-    ties_across_stages: bool = True  # can share GPT-2's tied embedding between the first and last stage
 
 
 _MODES: dict[str, ModeSpec] = {}
@@ -69,7 +68,7 @@ register(ModeSpec(
 register(ModeSpec(
     "pipe_zero3", "TP x PP x DP, each pipeline stage ZeRO-3-sharded over its DP group (gptscale's 1F1B)",
     runtime="gptscale.runtime.pipe_zero3.runtime:PipeZero3Runtime",
-    checkpoint_files=CheckpointFiles.ZERO_ENGINE_PER_STAGE, pipeline=True, ties_across_stages=False,
+    checkpoint_files=CheckpointFiles.ZERO_ENGINE_PER_STAGE, pipeline=True,
     default_template="zero3", zero_stages=(3,), zero_stages_refusal=_ZERO3_REFUSAL))
 
 # What `parallel.mode: auto` becomes: no pipeline stages -> the first, else the second.
@@ -97,13 +96,10 @@ def by_name(name: str) -> ModeSpec:
     return _MODES[name]
 
 
-def check(mode: str, pp: int, tie_embeddings: bool | None = None) -> None:
-    """Errors for a mode that cannot run `pp` stages (or, when given, tied embeddings across them)."""
+def check(mode: str, pp: int) -> None:
+    """Errors for a mode that cannot run `pp` stages."""
     spec = resolve(mode, pp)
     pipeline_mode = resolve(AUTO, 2).name
     if pp > 1 and not spec.pipeline:
         raise ConfigError(f"parallel.mode={spec.name} cannot use parallel.pp={pp}; set parallel.mode="
                           f"{pipeline_mode} (or auto) for pipeline stages, or parallel.pp=1")
-    if pp > 1 and tie_embeddings and not spec.ties_across_stages:
-        raise ConfigError(f"parallel.mode={spec.name} does not support tied embeddings across stages yet; set "
-                          f"model.tie_embeddings=false, or use parallel.mode={pipeline_mode}")

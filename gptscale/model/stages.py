@@ -234,12 +234,22 @@ class StageModule(nn.Module):
     def __init__(self, layers: list[StageLayer], start: int, stop: int):
         super().__init__()
         self.specs = layers[start:stop]
-        self.layers = nn.ModuleList(layer.make() for layer in self.specs)
+        built: dict[str, nn.Module] = {}  # tie key -> the module both uses share on this stage
+        for spec in self.specs:
+            if spec.tie_key is not None and spec.tie_key not in built:
+                built[spec.tie_key] = spec.make()
+        self.layers = nn.ModuleList(built[spec.tie_key] if spec.tie_key is not None else spec.make()
+                                    for spec in self.specs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
+        for spec, layer in zip(self.specs, self.layers):
+            x = layer(x) if spec.forward_fn is None else spec.forward_fn(layer, x)
         return x
+
+    def tied_modules(self) -> dict[str, nn.Module]:
+        """tie key -> this stage's module of that tied layer (pipe_zero3 keeps the copies on
+        two stages equal)."""
+        return {spec.tie_key: layer for spec, layer in zip(self.specs, self.layers) if spec.tie_key is not None}
 
     def canonical_parameters(self) -> dict[str, nn.Parameter]:
         return {spec.prefix + name: param for spec, layer in zip(self.specs, self.layers)
@@ -250,3 +260,13 @@ class StageModule(nn.Module):
         """'layers.3.attn.qkv.weight' of a stage built from `specs` -> its canonical name."""
         _, index, rest = name.split(".", 2)
         return specs[int(index)].prefix + rest
+
+
+def tied_stages(layers: list[StageLayer], bounds: list[int]) -> dict[str, list[int]]:
+    """tie key -> the stages (cut at `bounds`) holding a use of that tied layer, in order."""
+    out: dict[str, list[int]] = {}
+    for stage, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+        for layer in layers[start:stop]:
+            if layer.tie_key is not None and stage not in out.setdefault(layer.tie_key, []):
+                out[layer.tie_key].append(stage)
+    return out

@@ -9,7 +9,7 @@ from gptscale.runtime.ds_config import assemble
 from gptscale.scaling.bubble import bubble_warning, theoretical_idle_fraction
 from gptscale.model.gpt import GPT
 from gptscale.model.loss import lm_loss
-from gptscale.model.stages import layers_with_parameters, stage_layers
+from gptscale.model.stages import StageModule, layers_with_parameters, stage_layers, tied_stages
 from gptscale.parallel.topology import TPGroup
 
 FAMILIES = {
@@ -55,6 +55,25 @@ def test_stage_layers_compute_the_dense_model(family):
     assert torch.equal(lm_loss(x, labels, TPGroup.single()), dense(ids, labels=labels))
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_stage_module_of_every_layer_computes_the_dense_model(family):
+    """One stage holding both uses of GPT-2's tied embedding shares one module (the head use
+    through its forward_fn); pipe_zero3 keeps two copies equal when the uses are on two stages."""
+    cfg = config.load(None, FAMILIES[family])
+    torch.manual_seed(0)
+    dense = GPT(cfg.model)
+    layers = stage_layers(cfg.model, TPGroup.single())
+    stage = StageModule(layers, 0, len(layers))
+    params, dense_params = stage.canonical_parameters(), dict(dense.named_parameters())
+    assert params.keys() == dense_params.keys() and len(list(stage.parameters())) == len(params)
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(dense_params[name])
+    ids = torch.randint(0, 300, (2, 16))
+    assert torch.equal(stage(ids), dense(ids))
+    assert tied_stages(layers, [0, 2, len(layers)]) == ({"embed": [0, 1]} if family == "gpt2" else {})
+
+
 def test_a_tied_layer_is_stored_once():
     gpt2 = stage_layers(config.load(None, FAMILIES["gpt2"]).model, TPGroup.single())
     llama = stage_layers(config.load(None, FAMILIES["llama"]).model, TPGroup.single())
@@ -73,8 +92,7 @@ def test_zero_stage_two_or_three_is_refused_with_pipeline_stages():
     assert default["data_types"] == {"grad_accum_dtype": "fp32"}  # bf16 + PP + ZeRO-1 needs fp32 accumulation
     assert assemble(config.load(None, ["parallel.pp=2", "train.ds_config=pipe_zero0"]), 1, False)[
         "zero_optimization"]["stage"] == 0
-    zero1_inside_stages = config.load(None, ["parallel.mode=pipe_zero3", "parallel.pp=2", "model.tie_embeddings=false",
-                                             "train.ds_config=pipe_zero1"])
+    zero1_inside_stages = config.load(None, ["parallel.mode=pipe_zero3", "parallel.pp=2", "train.ds_config=pipe_zero1"])
     with pytest.raises(ConfigError, match="parallel.mode=pipe_zero3 partitions parameters with ZeRO stage 3"):
         assemble(zero1_inside_stages, 1, on_gpu=False)
 

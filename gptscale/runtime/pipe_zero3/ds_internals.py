@@ -1,4 +1,4 @@
-"""The three places where one ZeRO-3 engine per pipeline stage meets DeepSpeed's assumptions.
+"""The four places where one ZeRO-3 engine per pipeline stage meets DeepSpeed's assumptions.
 
 1. Keep ZeRO-3's consistency checks, but run them over the engine's own data-parallel group.
 
@@ -20,6 +20,14 @@ schedule calls the optimizer's `clear_backward_seen_flag` itself after every bac
 and gathering it again for its backward (measured: the same all-gather volume). A parameter
 is never released while `ds_active_sub_modules` is non-empty, so the step holds a marker in
 it; on leaving, the marker goes first and `GatheredParameters` partitions as usual.
+
+4. Count a tied parameter's gradient once in the global gradient norm (`count_once_in_grad_norm`).
+GPT-2's tied embedding lives on the first and the last stage, each a copy in its own engine;
+both hold the summed gradient before the step (runtime.py), and ZeRO-3's norm, summed over
+the model-parallel group (TP x PP), would count it twice. On the last stage the norm reads
+the copy's gradient as zero: `get_grad_norm_direct` (`_get_norm_groups` passes it the gradient
+partitions and the parameters) or, with the optimizer offloaded, the per-parameter norms
+`complete_grad_norm_calculation_for_cpu_offload` reads. The step still applies the gradient.
 
 DeepSpeed internals: checked for the versions in SUPPORTED; `tests/unit/test_deepspeed_internals.py`
 fails if the names or the world-group broadcast this relies on move.
@@ -81,6 +89,9 @@ def end_backward(engine) -> None:
     engine.optimizer.clear_backward_seen_flag()
 
 
+NORM_SOURCES = ("self.get_grad_norm_direct(self.averaged_gradients[i], self.fp16_groups[i])",
+                "self.complete_grad_norm_calculation_for_cpu_offload(self.fp16_groups[i])")
+
 _HELD_FOR_STEP = -1  # a submodule id no real module has
 
 
@@ -95,3 +106,35 @@ def keep_gathered(params, deepspeed):
         finally:
             for param in params:
                 param.ds_active_sub_modules.discard(_HELD_FOR_STEP)
+
+
+def count_once_in_grad_norm(optimizer, params) -> None:
+    """Leave `params`' gradients out of `optimizer`'s (ZeRO-3's) global gradient norm (4. above):
+    another engine counts the same gradient."""
+    import inspect
+    import sys
+
+    # The methods are wrapped by an NVTX decorator without functools.wraps: read the module.
+    source = inspect.getsource(sys.modules[type(optimizer).__module__])
+    if not all(call in source for call in NORM_SOURCES):
+        raise RuntimeError("ZeRO-3 no longer computes its gradient norm through get_grad_norm_direct / "
+                           "complete_grad_norm_calculation_for_cpu_offload; re-check "
+                           "gptscale/runtime/pipe_zero3/ds_internals.py")
+    left_out = {id(p) for p in params}
+    direct, offloaded = optimizer.get_grad_norm_direct, optimizer.complete_grad_norm_calculation_for_cpu_offload
+
+    def grad_norm_direct(gradients, group_params, *args, **kwargs):
+        gradients = [g.new_zeros(1) if id(p) in left_out else g for g, p in zip(gradients, group_params)]
+        return direct(gradients, group_params, *args, **kwargs)
+
+    def grad_norm_offloaded(group_params, *args, **kwargs):
+        norms = optimizer.norm_for_param_grads
+        ids = [optimizer.get_param_id(p) for p in group_params if id(p) in left_out]
+        kept = {i: norms.pop(i) for i in ids if i in norms}
+        try:
+            return offloaded(group_params, *args, **kwargs)
+        finally:
+            norms.update(kept)
+
+    optimizer.get_grad_norm_direct = grad_norm_direct
+    optimizer.complete_grad_norm_calculation_for_cpu_offload = grad_norm_offloaded

@@ -1,4 +1,13 @@
-"""Point-to-point transfers between neighbouring pipeline stages (same TP and DP coordinates)."""
+"""Point-to-point transfers between pipeline stages (same TP and DP coordinates).
+
+Between stages every TP rank of a stage holds the same activation (plain TP: the residual
+stream after a row-parallel all-reduce), and the same gradient of it coming back. As
+DeepSpeed's PipelineEngine does (`pipe_partitioned`), each TP rank sends only its 1/tp chunk
+of the flattened tensor to the same TP rank of the neighbouring stage, and the receiving TP
+group all-gathers the chunks: the bytes between stages drop by tp, the rest moves inside the
+TP group (the fast links). With sequence parallelism each TP rank already holds a different
+1/tp of the sequence, which it sends whole. `activation_shape` is the one place that decides.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,19 +16,64 @@ import torch.distributed as dist
 from gptscale.parallel.primitives import comm_device
 from gptscale.parallel.topology import Topology
 
+TIED_TAG = 1  # the tied embedding's weights (once, at build) and gradient partitions, apart from activations (tag 0)
+
+
+def activation_shape(cfg, tp: int) -> tuple[tuple[int, ...], bool]:
+    """(the shape of the activation each TP rank holds between stages, whether the TP ranks
+    hold identical copies, so that each sends only its 1/tp chunk)."""
+    micro_batch, seq_len, d = cfg.train.micro_batch, cfg.data.seq_len, cfg.model.n_embd
+    if getattr(cfg.parallel, "sequence_parallel", False):
+        return (micro_batch, seq_len // tp, d), False  # already split along the sequence: sent whole
+    return (micro_batch, seq_len, d), tp > 1
+
 
 class P2P:
-    def __init__(self, topo: Topology, shape: tuple[int, ...], dtype: torch.dtype):
+    def __init__(self, topo: Topology, shape: tuple[int, ...], dtype: torch.dtype, split_over_tp: bool = False):
         self.prev = topo.pipe_peer(topo.coords.pp - 1)
         self.next = topo.pipe_peer(topo.coords.pp + 1)
         self.shape, self.dtype = shape, dtype
+        self.tp_group = topo.get_tensor_model_parallel_group() if split_over_tp else None
+        self.tp = dist.get_world_size(self.tp_group) if split_over_tp else 1
+        self.tp_rank = dist.get_rank(self.tp_group) if split_over_tp else 0
+        numel = 1
+        for size in shape:
+            numel *= size
+        self.numel, self.chunk = numel, -(-numel // self.tp)  # the last chunk padded when tp does not divide
 
     def exchange(self, send: list[tuple[torch.Tensor, int]], recv_from: list[int]) -> list[torch.Tensor]:
         """Post every send and receive at once, then wait: neighbours exchanging in opposite
-        directions never wait on each other's blocking send."""
-        received = [torch.empty(self.shape, dtype=self.dtype, device=comm_device()) for _ in recv_from]
-        requests = [dist.isend(t.contiguous(), peer) for t, peer in send]
+        directions never wait on each other's blocking send. With `split_over_tp` each send
+        is this TP rank's chunk and each receive is all-gathered within the TP group after."""
+        received = [torch.empty(self.chunk, dtype=self.dtype, device=comm_device()) for _ in recv_from]
+        requests = [dist.isend(self._my_chunk(t), peer) for t, peer in send]
         requests += [dist.irecv(buf, peer) for buf, peer in zip(received, recv_from)]
         for request in requests:
             request.wait()
-        return received
+        return [self._whole(chunk) for chunk in received]
+
+    def _my_chunk(self, tensor: torch.Tensor) -> torch.Tensor:
+        flat = tensor.contiguous().view(-1)
+        if self.tp == 1:
+            return flat
+        start = self.tp_rank * self.chunk
+        piece = flat[start:start + self.chunk]
+        if piece.numel() < self.chunk:
+            piece = torch.cat([piece, piece.new_zeros(self.chunk - piece.numel())])
+        return piece.contiguous()
+
+    def _whole(self, chunk: torch.Tensor) -> torch.Tensor:
+        if self.tp == 1:
+            return chunk.view(self.shape)
+        whole = torch.empty(self.chunk * self.tp, dtype=self.dtype, device=chunk.device)
+        dist.all_gather_into_tensor(whole, chunk, group=self.tp_group)
+        return whole[:self.numel].view(self.shape)
+
+
+def swap_with(tensor: torch.Tensor, peer: int, tag: int) -> torch.Tensor:
+    """Send `tensor` to `peer` and receive the peer's tensor of the same shape and dtype."""
+    theirs = torch.empty_like(tensor)
+    requests = [dist.isend(tensor.contiguous(), peer, tag=tag), dist.irecv(theirs, peer, tag=tag)]
+    for request in requests:
+        request.wait()
+    return theirs
