@@ -190,9 +190,10 @@ class ParallelConfig:
             raise ConfigError(f"parallel.pipe_zero3_gather={self.pipe_zero3_gather!r} is unknown; choose one of "
                               f"{', '.join(PIPE_ZERO3_GATHER)}")
         modes.check(self.mode, self.pp)
-        if self.virtual_stages > 1 and (self.pp == 1 or self.resolved_mode != "pipe_zero3"):
+        if self.virtual_stages > 1 and (self.pp == 1 or not modes.resolve(self.mode, self.pp).interleaves):
+            runs_it = ", ".join(name for name in modes.names()[1:] if modes.by_name(name).interleaves)
             raise ConfigError(f"parallel.virtual_stages={self.virtual_stages} interleaves pipeline stages, which "
-                              f"gptscale's own schedule does: set parallel.mode=pipe_zero3 and parallel.pp > 1, or "
+                              f"only parallel.mode={runs_it} runs: set that mode and parallel.pp > 1, or "
                               f"virtual_stages=1")
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it splits the sequence over "

@@ -39,6 +39,7 @@ class ModeSpec:
     default_template: str  # ds_configs/<name>.json when train.ds_config is unset
     zero_stages: tuple[int, ...]  # ZeRO stages this mode's engine runs
     zero_stages_refusal: str  # the rest of the error for another stage ("{pp}": parallel.pp)
+    interleaves: bool = False  # runs parallel.virtual_stages > 1 (interleaved 1F1B)
 
 
 _MODES: dict[str, ModeSpec] = {}
@@ -68,7 +69,7 @@ register(ModeSpec(
 register(ModeSpec(
     "pipe_zero3", "TP x PP x DP, each pipeline stage ZeRO-3-sharded over its DP group (gptscale's 1F1B)",
     runtime="gptscale.runtime.pipe_zero3.runtime:PipeZero3Runtime",
-    checkpoint_files=CheckpointFiles.ZERO_ENGINE_PER_STAGE, pipeline=True,
+    checkpoint_files=CheckpointFiles.ZERO_ENGINE_PER_STAGE, pipeline=True, interleaves=True,
     default_template="zero3", zero_stages=(3,), zero_stages_refusal=_ZERO3_REFUSAL))
 
 # What `parallel.mode: auto` becomes: no pipeline stages -> the first, else the second.

@@ -50,22 +50,30 @@ class Layout:
     tp: int
     pp: int
     dp: int
+    # Model chunks per stage (interleaved 1F1B): they order a stage's files' parameters.
+    # Written only when above 1, so checkpoints of other runs read as before.
+    virtual_stages: int = 1
 
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.virtual_stages == 1:
+            del data["virtual_stages"]
+        return data
 
     @classmethod
     def from_json(cls, data: Any, where: Path) -> "Layout":
         fields = {"mode": str, "tp": int, "pp": int, "dp": int}
-        if not isinstance(data, dict) or set(data) != set(fields) or any(
-                type(data[k]) is not kind for k, kind in fields.items()):
+        optional = {"virtual_stages": int}
+        if not isinstance(data, dict) or not set(fields) <= set(data) <= set(fields) | set(optional) or any(
+                type(data[k]) is not kind for k, kind in {**fields, **optional}.items() if k in data):
             raise CheckpointError(f"{where}: 'layout' must hold exactly {', '.join(fields)} (a string and three "
-                                  f"integers), found {data!r}; the file is damaged or not gptscale's")
-        if min(data["tp"], data["pp"], data["dp"]) < 1:
+                                  f"integers; virtual_stages too if above 1), found {data!r}; the file is damaged "
+                                  f"or not gptscale's")
+        if min(data["tp"], data["pp"], data["dp"], data.get("virtual_stages", 1)) < 1:
             raise CheckpointError(f"{where}: layout {data} has a degree below 1")
         return cls(**data)
 

@@ -34,7 +34,8 @@ from gptscale.convert.tp import canonical_layout, merge_tensor
 from gptscale.parallel.lora import is_adapter
 from gptscale.ds_import import load_without_code
 from gptscale.errors import CheckpointError, UserError
-from gptscale.model.stages import StageLayer, StageModule, layers_with_parameters, stage_bounds, stage_layers
+from gptscale.model.stages import (StageLayer, StageModule, chunk_ranges, layers_with_parameters, stage_layers,
+                                   stage_specs)
 from gptscale.modes import CheckpointFiles
 from gptscale.parallel.topology import TPGroup
 
@@ -233,9 +234,10 @@ class CheckpointReader:
         if kind is CheckpointFiles.PIPELINE_LAYERS:
             self._index_pipeline_layers(layers, tp)
         elif kind is CheckpointFiles.ZERO_ENGINE_PER_STAGE:
-            bounds = stage_bounds(self.cfg.model, self.layout.pp, self.cfg.parallel.pipe_partition)
+            p = self.cfg.parallel
+            ranges = chunk_ranges(self.cfg.model, self.layout.pp, p.pipe_partition, p.virtual_stages)
             for stage in range(self.layout.pp):
-                specs = layers[bounds[stage]:bounds[stage + 1]]
+                specs = stage_specs(layers, ranges[stage])
                 engines = [ZeroEngineFiles(stage_dir(self.path, stage), t, self.layout.dp) for t in range(tp)]
                 for local in engines[0].names():
                     self._sources.setdefault(StageModule.canonical_name(specs, local),

@@ -227,13 +227,32 @@ def partition_balanced(weights: list[int], parts: int) -> list[int]:
     return bounds[::-1]
 
 
-class StageModule(nn.Module):
-    """Layers [start, stop) of the GPT's stage layers, applied in order (one pipeline stage as a
-    plain module; its parameters are `layers.<i>.<name>`, see `canonical_name`)."""
+def chunk_ranges(cfg: ModelConfig, pp: int, method: str, virtual_stages: int = 1) -> list[list[tuple[int, int]]]:
+    """For each stage, the [start, stop) layer ranges of its model chunks. With v virtual stages
+    (interleaved 1F1B) the layers are cut into pp·v pieces by the one partitioner and stage s
+    holds pieces s, pp + s, ..., (v-1)·pp + s; with v = 1 each stage holds one range."""
+    bounds = stage_bounds(cfg, pp * virtual_stages, method)
+    return [[(bounds[c * pp + s], bounds[c * pp + s + 1]) for c in range(virtual_stages)] for s in range(pp)]
 
-    def __init__(self, layers: list[StageLayer], start: int, stop: int):
+
+def stage_specs(layers: list[StageLayer], ranges: list[tuple[int, int]]) -> list[StageLayer]:
+    """A stage's layers, its chunks' in order: the order of its `layers.<i>` parameters."""
+    return [layer for start, stop in ranges for layer in layers[start:stop]]
+
+
+class StageModule(nn.Module):
+    """One pipeline stage as a plain module: the GPT's stage layers in `ranges` (one [start,
+    stop) range, or one per model chunk with interleaved 1F1B), applied in order; forward(x,
+    chunk) runs one chunk. Its parameters are `layers.<i>.<name>` over all its chunks' layers
+    (see `canonical_name`)."""
+
+    def __init__(self, layers: list[StageLayer], ranges: list[tuple[int, int]]):
         super().__init__()
-        self.specs = layers[start:stop]
+        self.specs = stage_specs(layers, ranges)
+        offsets = [0]
+        for start, stop in ranges:
+            offsets.append(offsets[-1] + stop - start)
+        self.chunk_offsets = offsets  # chunk c is layers[offsets[c]:offsets[c + 1]]
         built: dict[str, nn.Module] = {}  # tie key -> the module both uses share on this stage
         for spec in self.specs:
             if spec.tie_key is not None and spec.tie_key not in built:
@@ -241,8 +260,9 @@ class StageModule(nn.Module):
         self.layers = nn.ModuleList(built[spec.tie_key] if spec.tie_key is not None else spec.make()
                                     for spec in self.specs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for spec, layer in zip(self.specs, self.layers):
+    def forward(self, x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+        start, stop = self.chunk_offsets[chunk], self.chunk_offsets[chunk + 1]
+        for spec, layer in zip(self.specs[start:stop], self.layers[start:stop]):
             x = layer(x) if spec.forward_fn is None else spec.forward_fn(layer, x)
         return x
 
@@ -262,11 +282,12 @@ class StageModule(nn.Module):
         return specs[int(index)].prefix + rest
 
 
-def tied_stages(layers: list[StageLayer], bounds: list[int]) -> dict[str, list[int]]:
-    """tie key -> the stages (cut at `bounds`) holding a use of that tied layer, in order."""
+def tied_stages(layers: list[StageLayer], ranges: list[list[tuple[int, int]]]) -> dict[str, list[int]]:
+    """tie key -> the stages (each holding the layer `ranges` of `chunk_ranges`) holding a use
+    of that tied layer, in order."""
     out: dict[str, list[int]] = {}
-    for stage, (start, stop) in enumerate(zip(bounds, bounds[1:])):
-        for layer in layers[start:stop]:
+    for stage, stage_ranges in enumerate(ranges):
+        for layer in stage_specs(layers, stage_ranges):
             if layer.tie_key is not None and stage not in out.setdefault(layer.tie_key, []):
                 out[layer.tie_key].append(stage)
     return out

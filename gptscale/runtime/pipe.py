@@ -17,7 +17,6 @@ DeepSpeed internals this mode relies on (checked in tests/unit/test_deepspeed_in
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -25,9 +24,9 @@ import torch.nn as nn
 
 from gptscale.model.loss import lm_loss
 from gptscale.model.stages import StageLayer, describe_stages, stage_bounds, stage_layers
-from gptscale.parallel.primitives import comm_device
 from gptscale.parallel.topology import Topology
 from gptscale.runtime.base import Runtime, seed_all
+from gptscale.runtime.stage_idle import BusyTimer, idle_fractions_per_stage
 from gptscale.scaling.bubble import bubble_warning, theoretical_idle_fraction
 
 
@@ -136,23 +135,15 @@ def _check_rank_grid(topo: Topology, grid) -> None:
                                f"the two rank orders must agree")
 
 
-class StageTimer:
+class StageTimer(BusyTimer):
     """Times the PipelineEngine's instructions on this stage, to measure the pipeline bubble
-    (internal 2 above).
-
-    busy = this stage's forward + backward passes; the pipeline's span = from the first
-    instruction of a step to the end of the last backward pass on any stage (stages start a
-    step together: the previous step ended in collectives over all of them). A stage's
-    idle fraction is 1 - busy / span: bubble plus waiting for slower stages. For equal
-    stages 1F1B's theory is (p - 1) / (m + p - 1).
-    """
+    (internal 2 above): its forward and backward passes are busy time (stage_idle.BusyTimer).
+    For equal stages 1F1B's theory is (p - 1) / (m + p - 1)."""
 
     BUSY = ("ForwardPass", "BackwardPass")
 
     def __init__(self, engine):
-        self.busy = 0.0
-        self.start: float | None = None  # first instruction of the step
-        self.last_busy_end: float | None = None
+        super().__init__()
         # The engine dispatches through the class attribute _INSTRUCTION_MAP; an instance
         # attribute of wrapped handlers shadows it for this engine only.
         engine._INSTRUCTION_MAP = {kind: self._timed(kind.__name__ in self.BUSY, handler)
@@ -160,34 +151,9 @@ class StageTimer:
 
     def _timed(self, busy: bool, handler):
         def run(engine, **kwargs):
-            start = time.perf_counter()
-            if self.start is None:
-                self.start = start
+            started = self.begin()
             try:
                 return handler(engine, **kwargs)
             finally:
-                if busy:
-                    self.last_busy_end = time.perf_counter()
-                    self.busy += self.last_busy_end - start
+                self.end(started, busy)
         return run
-
-    def take(self) -> tuple[float, float]:
-        """(busy seconds, seconds from the step's start to this stage's last busy moment); resets."""
-        busy = self.busy
-        span = (self.last_busy_end - self.start) if self.start is not None and self.last_busy_end else 0.0
-        self.busy, self.start, self.last_busy_end = 0.0, None, None
-        return busy, span
-
-
-def idle_fractions_per_stage(busy: float, span: float, topo: Topology) -> list[float]:
-    """Every stage's idle fraction over the pipeline's span of one step (`StageTimer.take()`
-    on each stage), in stage order, on every rank."""
-    group = topo.get_pipe_parallel_group()
-    device = comm_device()
-    longest = torch.tensor([span], dtype=torch.float64, device=device)
-    dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
-    mine = torch.tensor([1.0 - busy / longest.item() if longest.item() > 0 else float("nan")], dtype=torch.float64,
-                        device=device)
-    gathered = [torch.zeros_like(mine) for _ in range(topo.layout.pp)]
-    dist.all_gather(gathered, mine, group=group)
-    return [g.item() for g in gathered]

@@ -5,9 +5,10 @@ from gptscale.config import RunConfig
 from gptscale.scaling.formulas import pipeline_bubble_fraction
 
 
-def theoretical_idle_fraction(stages: int, micro_batches: int) -> float:
-    """1F1B/GPipe bubble share of a step for equal stages: (p - 1) / (m + p - 1)."""
-    return pipeline_bubble_fraction(stages, micro_batches)
+def theoretical_idle_fraction(stages: int, micro_batches: int, virtual_stages: int = 1) -> float:
+    """1F1B/GPipe bubble share of a step for equal stages: (p - 1) / (m + p - 1); interleaved
+    over v chunks, ((p - 1)/v) / (m + (p - 1)/v)."""
+    return pipeline_bubble_fraction(stages, micro_batches, virtual_stages)
 
 
 def bubble_warning(cfg: RunConfig) -> str | None:

@@ -164,7 +164,8 @@ class Trainer:
         if not launch.one_node:
             check_shared_folder(self.run_dir)
         self.resume_from = self._agreed_resume(resume)
-        layout = Layout(mode=mode.name, tp=grid.tp, pp=grid.pp, dp=grid.dp)
+        layout = Layout(mode=mode.name, tp=grid.tp, pp=grid.pp, dp=grid.dp,
+                        virtual_stages=cfg.parallel.virtual_stages)
         self.task = task or Pretraining(cfg)
         if self.task.starts_from_weights and self.resume_from is None and not cfg.train.init_from:
             raise ConfigError(f"{self.task.name} starts from a trained model: set train.init_from to a checkpoint, a "

@@ -20,6 +20,8 @@ LAYOUTS = {  # the same global batch: 2 micro-steps of dp x micro_batch = 4 rows
     "pp2_tp2": [*PIPE_ZERO3, "parallel.tp=2", "train.micro_batch=4"],
     # Decay read from the whole shape of parameters ZeRO-3 partitioned as they were built.
     "pp2_dp2_weight_decay": [*PIPE_ZERO3, "train.micro_batch=2", "train.weight_decay=2.0"],
+    # Interleaved 1F1B: 2 chunks of 1 block per stage (stage 0: embedding + block 0, block 2).
+    "pp2_dp2_interleaved": [*PIPE_ZERO3, "train.micro_batch=2", "parallel.virtual_stages=2"],
 }
 
 
@@ -27,6 +29,9 @@ LAYOUTS = {  # the same global batch: 2 micro-steps of dp x micro_batch = 4 rows
 # gradient counted twice in the norm would change every update.
 TIED = {
     "gpt2_pp2_dp2": [*PIPE_ZERO3, "train.micro_batch=2", "train.grad_clip=0.3"],
+    # Interleaved: the embedding in stage 0's first chunk, the head in stage 1's last.
+    "gpt2_pp2_dp2_interleaved": [*PIPE_ZERO3, "train.micro_batch=2", "train.grad_clip=0.3",
+                                 "parallel.virtual_stages=2"],
     "gpt2_pp4": ["parallel.mode=pipe_zero3", "parallel.pp=4", "train.lr=3e-3", "train.micro_batch=4",
                  "train.grad_clip=0.3"],
 }

@@ -47,7 +47,8 @@ def test_load_yaml_with_preset_and_overrides(tmp_path):
     (["parallel.sequence_parallel=true", "parallel.tp=4", "data.synthetic=true", "data.seq_len=30"],
      "data.seq_len=30 is not divisible by parallel.tp=4, which parallel.sequence_parallel splits it over"),
     (["parallel.virtual_stages=2"], "parallel.virtual_stages=2 interleaves pipeline stages"),
-    (["parallel.virtual_stages=2", "parallel.pp=2"], "set parallel.mode=pipe_zero3 and parallel.pp > 1"),
+    (["parallel.virtual_stages=2", "parallel.pp=2"], "only parallel.mode=pipe_zero3 runs: set that mode and "
+                                                      "parallel.pp > 1"),
     (["parallel.virtual_stages=2", "parallel.pp=2", "parallel.mode=pipe_zero3", "model.n_layer=6"],
      "parallel.virtual_stages=2 does not divide the 3 blocks per stage (model.n_layer=6, parallel.pp=2)"),
     (["parallel.virtual_stages=2", "parallel.pp=2", "parallel.mode=pipe_zero3", "train.grad_accum=3"],

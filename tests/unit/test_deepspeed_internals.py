@@ -64,3 +64,12 @@ def test_the_pipeline_engine_dispatches_instructions_through_its_instruction_map
     assert "self._INSTRUCTION_MAP[type(cmd)]" in inspect.getsource(PipelineEngine._exec_schedule)
     names = {kind.__name__ for kind in PipelineEngine._INSTRUCTION_MAP}
     assert {"ForwardPass", "BackwardPass"} <= names and schedule.ForwardPass in PipelineEngine._INSTRUCTION_MAP
+
+
+def test_zero3_copies_a_gradient_partition_at_micro_step_0_and_adds_after():
+    """accumulate_from_zero (interleaved 1F1B) relies on this rule and on the flat buffer."""
+    import deepspeed.runtime.zero.stage3 as stage3
+
+    source = inspect.getsource(stage3)
+    assert "if self.micro_step_id == 0:  # don't accumulate" in source
+    assert "self.grad_partitions_flat_buffer.narrow(" in source

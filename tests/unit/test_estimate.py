@@ -43,7 +43,7 @@ def test_stage_tensors_equal_the_stage_modules_training_builds(overrides, tp, pp
     bounds = stage_bounds(cfg, pp, "parameters")
     with torch.device("meta"):
         layers = stage_layers(cfg, TPGroup.shape_only(tp))
-        built = [sorted(p.numel() for p in StageModule(layers, start, stop).parameters())
+        built = [sorted(p.numel() for p in StageModule(layers, [(start, stop)]).parameters())
                  for start, stop in zip(bounds, bounds[1:])]
     assert [sorted(s.numels) for s in stage_tensors(cfg, tp, pp)] == built
 

@@ -63,7 +63,7 @@ def test_a_stage_module_of_every_layer_computes_the_dense_model(family):
     torch.manual_seed(0)
     dense = GPT(cfg.model)
     layers = stage_layers(cfg.model, TPGroup.single())
-    stage = StageModule(layers, 0, len(layers))
+    stage = StageModule(layers, [(0, len(layers))])
     params, dense_params = stage.canonical_parameters(), dict(dense.named_parameters())
     assert params.keys() == dense_params.keys() and len(list(stage.parameters())) == len(params)
     with torch.no_grad():
@@ -71,7 +71,13 @@ def test_a_stage_module_of_every_layer_computes_the_dense_model(family):
             param.copy_(dense_params[name])
     ids = torch.randint(0, 300, (2, 16))
     assert torch.equal(stage(ids), dense(ids))
-    assert tied_stages(layers, [0, 2, len(layers)]) == ({"embed": [0, 1]} if family == "gpt2" else {})
+    assert tied_stages(layers, [[(0, 2)], [(2, len(layers))]]) == ({"embed": [0, 1]} if family == "gpt2" else {})
+    # Interleaved: chunk 1 of stage 0 runs the model's second half, and its output is the dense one.
+    half = len(layers) // 2
+    chunked = StageModule(layers, [(0, half), (half, len(layers))])
+    chunked.load_state_dict(stage.state_dict())
+    assert torch.equal(chunked(chunked(ids, chunk=0), chunk=1), dense(ids))
+    assert chunked.canonical_parameters().keys() == params.keys()
 
 
 def test_a_tied_layer_is_stored_once():

@@ -29,6 +29,13 @@ the copy's gradient as zero: `get_grad_norm_direct` (`_get_norm_groups` passes i
 partitions and the parameters) or, with the optimizer offloaded, the per-parameter norms
 `complete_grad_norm_calculation_for_cpu_offload` reads. The step still applies the gradient.
 
+5. Accumulate every backward of an interleaved step (`accumulate_from_zero`). ZeRO-3 copies a
+gradient partition at micro-step 0 and adds to it afterwards. With v model chunks a stage's
+first backward is its last chunk's, so a parameter of another chunk first gets its gradient
+at a later micro-step and would be added to the previous step's. Before the step's first
+backward the partitions (`grad_partitions_flat_buffer`) are zeroed and the micro-step is
+made 1: every backward adds, the first onto zeros, which is the copy.
+
 DeepSpeed internals: checked for the versions in SUPPORTED; `tests/unit/test_deepspeed_internals.py`
 fails if the names or the world-group broadcast this relies on move.
 """
@@ -82,6 +89,13 @@ def scope_checks_to(group) -> None:
         if not hasattr(module, NAME):
             raise RuntimeError(f"{name} no longer has {NAME}; re-check gptscale/runtime/pipe_zero3/ds_internals.py")
         setattr(module, NAME, assert_ints_same_in_group)
+
+
+def accumulate_from_zero(engine) -> None:
+    """Zero the gradient partitions and make every backward of the step add to them (5. above)."""
+    optimizer = engine.optimizer
+    optimizer.grad_partitions_flat_buffer.zero_()
+    optimizer.micro_step_id = 1
 
 
 def end_backward(engine) -> None:

@@ -16,7 +16,17 @@ import torch.distributed as dist
 from gptscale.parallel.primitives import comm_device
 from gptscale.parallel.topology import Topology
 
-TIED_TAG = 1  # the tied embedding's weights (once, at build) and gradient partitions, apart from activations (tag 0)
+TIED_TAG = 1  # the tied embedding's weights (once, at build) and gradient partitions
+
+
+def activation_tag(chunk: int) -> int:
+    """Messages to a stage's model chunk `chunk`: one stream per chunk and direction, so each
+    is received in the order it was sent whatever the interleaving."""
+    return 2 + 2 * chunk
+
+
+def gradient_tag(chunk: int) -> int:
+    return 3 + 2 * chunk
 
 
 def activation_shape(cfg, tp: int) -> tuple[tuple[int, ...], bool]:
@@ -30,8 +40,11 @@ def activation_shape(cfg, tp: int) -> tuple[tuple[int, ...], bool]:
 
 class P2P:
     def __init__(self, topo: Topology, shape: tuple[int, ...], dtype: torch.dtype, split_over_tp: bool = False):
-        self.prev = topo.pipe_peer(topo.coords.pp - 1)
-        self.next = topo.pipe_peer(topo.coords.pp + 1)
+        # Neighbours on the ring of stages: with interleaved 1F1B the last stage's chunk c feeds
+        # the first stage's chunk c + 1 (the schedule decides which transfers happen).
+        stages = topo.layout.pp
+        self.prev = topo.pipe_peer((topo.coords.pp - 1) % stages)
+        self.next = topo.pipe_peer((topo.coords.pp + 1) % stages)
         self.shape, self.dtype = shape, dtype
         self.tp_group = topo.get_tensor_model_parallel_group() if split_over_tp else None
         self.tp = dist.get_world_size(self.tp_group) if split_over_tp else 1
@@ -40,17 +53,25 @@ class P2P:
         for size in shape:
             numel *= size
         self.numel, self.chunk = numel, -(-numel // self.tp)  # the last chunk padded when tp does not divide
+        self._sending: list = []
 
-    def exchange(self, send: list[tuple[torch.Tensor, int]], recv_from: list[int]) -> list[torch.Tensor]:
-        """Post every send and receive at once, then wait: neighbours exchanging in opposite
-        directions never wait on each other's blocking send. With `split_over_tp` each send
-        is this TP rank's chunk and each receive is all-gathered within the TP group after."""
-        received = [torch.empty(self.chunk, dtype=self.dtype, device=comm_device()) for _ in recv_from]
-        requests = [dist.isend(self._my_chunk(t), peer) for t, peer in send]
-        requests += [dist.irecv(buf, peer) for buf, peer in zip(received, recv_from)]
-        for request in requests:
+    def send(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
+        """Start sending `tensor` (this TP rank's chunk of it with `split_over_tp`) and return:
+        a stage never waits for a send, only for what it receives, so no two stages can wait
+        on each other (the schedule orders every op after its inputs). `wait_sends` ends them."""
+        piece = self._my_chunk(tensor.detach())
+        self._sending.append((dist.isend(piece, peer, tag=tag), piece))  # the piece lives until sent
+
+    def recv(self, peer: int, tag: int) -> torch.Tensor:
+        """The next tensor `peer` sent with `tag` (whole: all-gathered within the TP group)."""
+        chunk = torch.empty(self.chunk, dtype=self.dtype, device=comm_device())
+        dist.irecv(chunk, peer, tag=tag).wait()
+        return self._whole(chunk)
+
+    def wait_sends(self) -> None:
+        for request, _ in self._sending:
             request.wait()
-        return [self._whole(chunk) for chunk in received]
+        self._sending.clear()
 
     def _my_chunk(self, tensor: torch.Tensor) -> torch.Tensor:
         flat = tensor.contiguous().view(-1)

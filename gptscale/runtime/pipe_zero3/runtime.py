@@ -30,19 +30,23 @@ stage's parameters, ZeRO-2-like within the step; one gather per step).
 from __future__ import annotations
 
 import contextlib
-from collections import deque
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from gptscale.model.loss import lm_loss
-from gptscale.model.stages import StageModule, describe_stages, stage_bounds, stage_layers, tied_stages
+from gptscale.errors import ConfigError
+from gptscale.model.stages import StageModule, chunk_ranges, describe_stages, stage_bounds, stage_layers, tied_stages
 from gptscale.parallel.primitives import comm_device
 from gptscale.runtime.base import Runtime, seed_all
-from gptscale.runtime.pipe_zero3.ds_internals import (count_once_in_grad_norm, end_backward, keep_gathered,
-                                                      scope_checks_to)
-from gptscale.runtime.pipe_zero3.p2p import P2P, TIED_TAG, activation_shape, swap_with
+from gptscale.runtime.pipe_zero3.ds_internals import (accumulate_from_zero, count_once_in_grad_norm, end_backward,
+                                                      keep_gathered, scope_checks_to)
+from gptscale.runtime.pipe_zero3.p2p import (P2P, TIED_TAG, activation_shape, activation_tag, gradient_tag,
+                                             swap_with)
+from gptscale.runtime.pipe_zero3.schedule import stage_ops
+from gptscale.runtime.stage_idle import BusyTimer, idle_fractions_per_stage
+from gptscale.scaling.bubble import theoretical_idle_fraction
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,7 +54,9 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class PipeZero3Runtime(Runtime):
     @classmethod
     def describe(cls, cfg, ds_config) -> str:
-        return (f"pipe_zero3: {cfg.parallel.pp} stages, each ZeRO stage 3 over its DP group (1F1B, "
+        v = cfg.parallel.virtual_stages
+        schedule = f"interleaved 1F1B over {v} chunks per stage" if v > 1 else "1F1B"
+        return (f"pipe_zero3: {cfg.parallel.pp} stages, each ZeRO stage 3 over its DP group ({schedule}, "
                 f"{cfg.train.grad_accum} micro-batches, parameters gathered per {cfg.parallel.pipe_zero3_gather})")
 
     def build(self):
@@ -58,20 +64,26 @@ class PipeZero3Runtime(Runtime):
         scope_checks_to(topo.get_data_parallel_group())
         self.stage, self.stages = topo.coords.pp, topo.layout.pp
         self.is_first, self.is_last = self.stage == 0, self.stage == self.stages - 1
-        bounds = stage_bounds(cfg.model, self.stages, cfg.parallel.pipe_partition)
+        self.virtual = v = cfg.parallel.virtual_stages
+        ranges = chunk_ranges(cfg.model, self.stages, cfg.parallel.pipe_partition, v)
         layers = stage_layers(cfg.model, topo.tp_group)
         if dist.get_rank() == 0:
-            print(f"gptscale train: {describe_stages(layers, bounds)}", flush=True)
+            cut = describe_stages(layers, stage_bounds(cfg.model, self.stages * v, cfg.parallel.pipe_partition))
+            if v > 1:  # the pieces are model chunks: stage s holds chunks s, pp + s, ...
+                cut = f"{v} chunks per stage, stage s runs chunks s, {self.stages} + s, ...: " + cut.replace("stage ", "chunk ")
+            print(f"gptscale train: {cut}", flush=True)
+        if v > 1:
+            self._count_chunk_backwards(v)
         mpu = topo.stage_mpu()
         # Each stage saves under its own tag (stage00, stage01, ...) by design.
         self.ctx.ds_config.setdefault("checkpoint", {})["tag_validation"] = "Ignore"
         seed_all(cfg.train.seed + self.stage)
         with ds.zero.Init(config_dict_or_path=self.ctx.ds_config, mpu=mpu,
                           data_parallel_group=topo.get_data_parallel_group()):
-            self.module = StageModule(layers, bounds[self.stage], bounds[self.stage + 1])
+            self.module = StageModule(layers, ranges[self.stage])
         # key -> (the other stage's rank with this rank's TP and DP coordinates, this stage's copy)
         self.tied = {key: (topo.pipe_peer(next(s for s in stages if s != self.stage)), self.module.tied_modules()[key])
-                     for key, stages in tied_stages(layers, bounds).items() if self.stage in stages and len(stages) > 1}
+                     for key, stages in tied_stages(layers, ranges).items() if self.stage in stages and len(stages) > 1}
         self._start_tied_equal()
         self.add_adapters([(spec.prefix, layer) for spec, layer in zip(self.module.specs, self.module.layers)])
         engine = self.initialize_engine(self.module, self.module.canonical_parameters(), mpu=mpu)
@@ -81,7 +93,21 @@ class PipeZero3Runtime(Runtime):
             count_once_in_grad_norm(engine.optimizer, second_copies)
         shape, split_over_tp = activation_shape(cfg, topo.layout.tp)
         self.p2p = P2P(topo, shape, _DTYPES[cfg.train.precision], split_over_tp)
+        self.timer = BusyTimer()
+        self.step_timing = (0.0, 0.0)
         return engine
+
+    def _count_chunk_backwards(self, v: int) -> None:
+        """Interleaved: every chunk's backward is one of DeepSpeed's micro-steps (m·v per step;
+        the loss is divided by m in `_backward`); the gradient partitions accumulate from zero."""
+        ds, t = self.ctx.ds_config, self.cfg.train
+        zero = ds.get("zero_optimization", {})
+        for offload in ("offload_optimizer", "offload_param"):
+            if (zero.get(offload) or {}).get("device", "none") != "none":
+                raise ConfigError(f"parallel.virtual_stages={v} is not supported with {offload} in the DeepSpeed "
+                                  f"template (untested); use train.ds_config=zero3, or virtual_stages=1")
+        ds["gradient_accumulation_steps"] = t.grad_accum * v
+        ds["train_batch_size"] = t.micro_batch * t.grad_accum * v * self.topo.layout.dp
 
     def _start_tied_equal(self) -> None:
         """The later stage's copy of each tied layer := the earlier stage's (whole, within
@@ -117,72 +143,73 @@ class PipeZero3Runtime(Runtime):
     def canonical_parameters(self) -> dict[str, nn.Parameter]:
         return self.module.canonical_parameters()
 
-    # -- one optimizer step: 1F1B ----------------------------------------------------------
+    # -- one optimizer step: 1F1B, plain or interleaved ----------------------------------
     def train_step(self, batches, step, nonfinite) -> float:
-        m = self.cfg.train.grad_accum
-        warmup = min(self.stages - self.stage - 1, m)
-        inflight: deque = deque()
+        m, v = self.cfg.train.grad_accum, self.virtual
+        inflight: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (micro, chunk) -> (input, output)
         losses: list[float] = []
         self.backwards_done = 0
         micro, self.num_valid_tokens = self.step_batches(batches)
-        batches = iter(micro)
+        if v > 1:
+            accumulate_from_zero(self.engine)
         with self._gathered_for_step():
-            x = None
-            for _ in range(warmup):
-                x = self._forward(next(batches), inflight, losses, self._recv_forward())
-                self._send(x, self.p2p.next)
-            if m > warmup:
-                x = self._recv_forward()
-            for i in range(m - warmup):
-                out = self._forward(next(batches), inflight, losses, x)
-                grad_out = self._exchange(out, self.p2p.next, self.p2p.next)  # send activation, receive its gradient
-                x_grad = self._backward(inflight, grad_out)
-                last = i == m - warmup - 1
-                x = self._exchange(x_grad, self.p2p.prev, None if last else self.p2p.prev)
-            for _ in range(warmup):
-                x_grad = self._backward(inflight, self._exchange(None, None, self.p2p.next))
-                self._send(x_grad, self.p2p.prev)
+            for op in stage_ops(self.stages, self.stage, m, v):
+                started = self.timer.begin()
+                if op.backward:
+                    self._backward(op, inflight, started)
+                else:
+                    self._forward(op, micro[op.micro], inflight, losses, started)
+            self.p2p.wait_sends()
         # The boundary step last, once every gradient has been passed on: its gradient norm is
         # an all-reduce over all stages, which a stage still waiting for a gradient would block.
         self._sum_tied_gradients()
         self.engine.step()
+        self.step_timing = self.timer.take()
         return self._mean_from_last_stage(losses)
 
-    def _recv_forward(self) -> torch.Tensor | None:
-        return self._exchange(None, None, self.p2p.prev)
+    def _feeds_loss(self, chunk: int) -> bool:
+        return self.is_last and chunk == self.virtual - 1
 
-    def _send(self, tensor, peer) -> None:
-        self._exchange(tensor, peer, None)
-
-    def _exchange(self, tensor, send_to, recv_from):
-        send = [(tensor.detach(), send_to)] if tensor is not None and send_to is not None else []
-        received = self.p2p.exchange(send, [recv_from] if recv_from is not None else [])
-        return received[0] if received else None
-
-    def _forward(self, batch, inflight: deque, losses: list[float], received):
+    def _forward(self, op, batch, inflight: dict, losses: list[float], started: float) -> None:
         input_ids, labels = self.on_device(batch)
-        x = input_ids if self.is_first else received.requires_grad_()
-        out = self.engine(x)
-        if self.is_last:
-            loss = lm_loss(out, labels, self.topo.tp_group, self.num_valid_tokens)
-            losses.append(loss.item())
-            inflight.append((x, loss))
-            return None
-        inflight.append((x, out))
-        return out
-
-    def _backward(self, inflight: deque, grad_out):
-        x, out = inflight.popleft()
-        if self.is_last:
-            self.engine.backward(out)  # the loss; DeepSpeed divides by grad_accum
+        if self.is_first and op.chunk == 0:
+            x = input_ids
         else:
+            received = self.p2p.recv(self.p2p.prev, activation_tag(op.chunk))
+            started = self.timer.begin()  # waiting for it was idle time
+            x = received.requires_grad_()
+        out = self.engine(x, chunk=op.chunk)
+        if self._feeds_loss(op.chunk):
+            out = lm_loss(out, labels, self.topo.tp_group, self.num_valid_tokens)
+            losses.append(out.item())
+        self.timer.end(started)
+        inflight[(op.micro, op.chunk)] = (x, out)
+        if not self._feeds_loss(op.chunk):  # to the next chunk: the next stage's, or stage 0's next one
+            self.p2p.send(out, self.p2p.next, activation_tag(op.chunk + (1 if self.is_last else 0)))
+
+    def _backward(self, op, inflight: dict, started: float) -> None:
+        x, out = inflight.pop((op.micro, op.chunk))
+        if self._feeds_loss(op.chunk):
+            # The step's loss is the mean over its m micro-batches (DeepSpeed would divide by its
+            # accumulation steps, which count m·v backwards when interleaved).
+            self.engine.backward(out / self.cfg.train.grad_accum, scale_wrt_gas=False)
+        else:
+            grad_out = self.p2p.recv(self.p2p.next, gradient_tag(op.chunk))
+            started = self.timer.begin()
             # d(sum(out * g))/d(out) = g, which already carries the last stage's 1/grad_accum.
             self.engine.backward((out * grad_out).sum(), scale_wrt_gas=False)
         end_backward(self.engine)  # the next backward may come before the next forward
+        self.timer.end(started)
         self.backwards_done += 1
-        if self.backwards_done < self.cfg.train.grad_accum:
+        if self.backwards_done < self.cfg.train.grad_accum * self.virtual:
             self.engine.step()  # not the boundary: DeepSpeed only counts the micro-step
-        return None if self.is_first else x.grad
+        if not (self.is_first and op.chunk == 0):  # to the previous chunk
+            self.p2p.send(x.grad, self.p2p.prev, gradient_tag(op.chunk - (1 if self.is_first else 0)))
+
+    def step_metrics(self) -> dict:
+        p, m = self.stages, self.cfg.train.grad_accum
+        return {"pipe_idle_fraction": idle_fractions_per_stage(*self.step_timing, self.topo),
+                "pipe_idle_theory": theoretical_idle_fraction(p, m, self.virtual)}
 
     def _gathered_for_step(self):
         if self.cfg.parallel.pipe_zero3_gather == "step":
@@ -202,15 +229,21 @@ class PipeZero3Runtime(Runtime):
     def evaluate(self, batches) -> float:
         self.engine.eval()
         losses, divisor = [], self.eval_divisor(batches)
-        for batch in batches:  # fill and drain per batch: evaluation is small
+        for batch in batches:  # fill and drain per batch and chunk: evaluation is small
             input_ids, labels = self.on_device(batch)
-            x = input_ids if self.is_first else self._recv_forward()
-            out = self.engine(x)
-            if self.is_last:
-                losses.append(lm_loss(out, labels, self.topo.tp_group, divisor).item())
-            else:
-                self._send(out, self.p2p.next)
+            for chunk in range(self.virtual):
+                if self.is_first and chunk == 0:
+                    x = input_ids
+                else:
+                    x = self.p2p.recv(self.p2p.prev, activation_tag(chunk))
+                out = self.engine(x, chunk=chunk)
+                if self._feeds_loss(chunk):
+                    losses.append(lm_loss(out, labels, self.topo.tp_group, divisor).item())
+                else:
+                    self.p2p.send(out, self.p2p.next, activation_tag(chunk + (1 if self.is_last else 0)))
+        self.p2p.wait_sends()
         self.engine.train()
+        self.timer.take()  # evaluation is not part of a training step's bubble
         return self._mean_from_last_stage(losses)
 
 
