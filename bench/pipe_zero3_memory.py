@@ -9,8 +9,9 @@ weights, gradient partitions and Adam states (each storage counted once). Commun
 every torch.distributed call during step 3 is counted on every rank, converted to the bytes
 a rank sends in a ring implementation (all-gather / reduce-scatter of S bytes over n ranks:
 S (n-1)/n; all-reduce: 2 S (n-1)/n; send: its size). The calls pipe_zero3's stage-to-stage
-transfers make (`P2P.exchange`: the sends, and at TP > 1 the all-gather of the 1/tp chunks
-each TP rank sent) are counted apart from ZeRO's and TP's own ("p2p ..." keys).
+transfers make (`P2P.send` / `P2P.recv`: the sends, and at TP > 1 the all-gather of the 1/tp
+chunks each TP rank sent) are counted apart from ZeRO's and TP's own ("p2p ..." keys); the
+counting is gptscale.testing.comm's.
 
     .venv/bin/python bench/pipe_zero3_memory.py [--layers 4 --embd 256 --tp 2]
 """
@@ -19,93 +20,25 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 
-from gptscale import config
 from gptscale.testing.distributed import run_ranks
-
-GROUP_COLLECTIVES = ("all_gather_into_tensor", "_all_gather_base", "all_gather", "reduce_scatter_tensor",
-                     "_reduce_scatter_base", "all_reduce", "broadcast")
-
-
-class CommCounter:
-    """Counts bytes per kind of torch.distributed call while `counting` is True."""
-
-    def __init__(self):
-        import torch.distributed as dist
-
-        self.dist, self.counting = dist, False
-        self.prefix = ""  # "p2p " while pipe_zero3's stage-to-stage transfers run
-        self.bytes: dict[str, float] = defaultdict(float)
-        for name in (*GROUP_COLLECTIVES, "send", "isend"):
-            if hasattr(dist, name):
-                setattr(dist, name, self._wrap(name, getattr(dist, name)))
-
-    def _wrap(self, name, fn):
-        def counted(*args, **kwargs):
-            if self.counting:
-                self.bytes[self.prefix + name] += self._sent(name, args, kwargs)
-            return fn(*args, **kwargs)
-        return counted
-
-    def _sent(self, name, args, kwargs) -> float:
-        group = kwargs.get("group")
-        n = self.dist.get_world_size(group) if group is not None else self.dist.get_world_size()
-        tensor = args[0] if args else kwargs.get("tensor", kwargs.get("output_tensor", kwargs.get("output")))
-        if isinstance(tensor, list):
-            size = sum(t.numel() * t.element_size() for t in tensor)
-        else:
-            size = tensor.numel() * tensor.element_size()
-        if name in ("send", "isend"):
-            return size
-        if name == "broadcast":
-            return size / n  # a tree moves each byte once per rank
-        if name.startswith("reduce_scatter") or name == "_reduce_scatter_base":
-            size = kwargs.get("input", args[1] if len(args) > 1 else tensor).numel() * tensor.element_size()
-        factor = 2 if name == "all_reduce" else 1
-        return factor * size * (n - 1) / n if n > 1 else 0.0
-
-    def count_p2p_apart(self, p2p_class) -> None:
-        """Key the calls made inside `p2p_class.exchange` "p2p <call>"."""
-        exchange = p2p_class.exchange
-
-        def counted(p2p, *args, **kwargs):
-            self.prefix = "p2p "
-            try:
-                return exchange(p2p, *args, **kwargs)
-            finally:
-                self.prefix = ""
-        p2p_class.exchange = counted
-
 
 def _measure(overrides: list[str]) -> dict:
     import torch
 
     from gptscale.runtime.memory import resident_bytes
-
-    from gptscale.train.loop import Trainer
-
     from gptscale.runtime.pipe_zero3.p2p import P2P
+    from gptscale.testing.comm import CommCounter, train_counting
 
     counter = CommCounter()
-    counter.count_p2p_apart(P2P)
-    trainer = Trainer(config.load(None, overrides), "none")
+    counter.label_methods(P2P, ("send", "recv"), "p2p")  # stage-to-stage transfers apart from ZeRO's and TP's
+    with counter.installed():
+        trainer = train_counting(counter, overrides, step=2)
     runtime = trainer.runtime
-    original_step = runtime.train_step
-
-    def counted_step(batches, step, nonfinite):
-        counter.counting = step == 2  # the third step: warm, and no first-step set-up traffic
-        try:
-            return original_step(batches, step, nonfinite)
-        finally:
-            counter.counting = False
-
-    runtime.train_step = counted_step
-    trainer.run()
     memory = resident_bytes(runtime.engine)
     stage_params = sum(getattr(p, "ds_numel", p.numel()) for p in runtime.engine.module.parameters())
-    return {"memory": memory, "comm": dict(counter.bytes), "stage_params": stage_params,
+    return {"memory": memory, "comm": counter.bytes_by_kind(), "stage_params": stage_params,
             "stage": trainer.topo.coords.pp, "torch": torch.__version__}
 
 
@@ -160,7 +93,7 @@ def report(results: dict, m: int, dp: int, args) -> None:
             gathers = sum(v for k, v in other.items() if "all_gather" in k)
             scatters = sum(v for k, v in other.items() if "reduce_scatter" in k)
             # Sends between stages: pipe_zero3's P2P, or the PipelineEngine's own send calls.
-            sent = sum(p2p.get(k, 0) + other.get(k, 0) for k in ("isend", "send"))
+            sent = p2p.get("send", 0) + other.get("send", 0)
             chunks = sum(v for k, v in p2p.items() if "all_gather" in k)
             share = psi * 4 * (dp - 1) / dp
             if "micro-batch" in name:

@@ -20,10 +20,11 @@ POINT_TO_POINT = ("send", "isend")
 
 @dataclass
 class Call:
-    kind: str
+    kind: str  # all_gather, reduce_scatter, all_reduce, broadcast or send
     group: object | None
     ndim: int  # of the tensor each rank contributes: 1 for parameter vectors, >= 2 for activations
     sent: float  # bytes this rank sends
+    label: str = ""  # what made the call (see CommCounter.label_methods)
 
 
 @dataclass
@@ -32,6 +33,7 @@ class CommCounter:
 
     counting: bool = False
     calls: list[Call] = field(default_factory=list)
+    label: str = ""
 
     @contextlib.contextmanager
     def installed(self):
@@ -50,20 +52,35 @@ class CommCounter:
     def _wrap(self, name, fn):
         def counted(*args, **kwargs):
             if self.counting:
-                self.calls.append(_call(name, args, kwargs))
+                self.calls.append(_call(name, args, kwargs, self.label))
             return fn(*args, **kwargs)
         return counted
 
+    def label_methods(self, cls: type, names: tuple[str, ...], label: str) -> None:
+        """Record the calls made inside `cls`'s methods `names` under `label` (e.g. "p2p" for a
+        pipeline's stage-to-stage transfers, apart from the same kinds of call elsewhere)."""
+        for name in names:
+            method = getattr(cls, name)
+
+            def labelled(obj, *args, _method=method, **kwargs):
+                self.label = label
+                try:
+                    return _method(obj, *args, **kwargs)
+                finally:
+                    self.label = ""
+            setattr(cls, name, labelled)
+
     def bytes_by_kind(self, group=None) -> dict[str, float]:
-        """Bytes sent per kind of call (in `group` only, when given)."""
+        """Bytes sent per kind of call, keyed "<label> <kind>" for labelled calls (in `group`
+        only, when given)."""
         out: dict[str, float] = defaultdict(float)
         for call in self.calls:
             if group is None or call.group is group:
-                out[call.kind] += call.sent
+                out[f"{call.label} {call.kind}" if call.label else call.kind] += call.sent
         return dict(out)
 
 
-def _call(name: str, args, kwargs) -> Call:
+def _call(name: str, args, kwargs, label: str) -> Call:
     import torch.distributed as dist
 
     group = kwargs.get("group")
@@ -77,11 +94,33 @@ def _call(name: str, args, kwargs) -> Call:
     ndim = tensors[0].dim()
     kind = name.lstrip("_").replace("_base", "").replace("_into_tensor", "").replace("_tensor", "")
     if name in POINT_TO_POINT:
-        return Call("send", group, ndim, float(size))
+        return Call("send", group, ndim, float(size), label)
     if name == "broadcast":
-        return Call(kind, group, ndim, size / n)
+        return Call(kind, group, ndim, size / n, label)
     factor = 2 if name == "all_reduce" else 1
-    return Call(kind, group, ndim, factor * size * (n - 1) / n if n > 1 else 0.0)
+    return Call(kind, group, ndim, factor * size * (n - 1) / n if n > 1 else 0.0, label)
+
+
+def train_counting(counter: CommCounter, overrides: list[str], step: int = 2):
+    """Train the run of `overrides` with `counter` counting only during step `step` (0-based;
+    the third by default: warm, without the first step's set-up traffic). Returns the Trainer."""
+    from gptscale import config
+    from gptscale.train.loop import Trainer
+
+    trainer = Trainer(config.load(None, overrides), "none")
+    runtime = trainer.runtime
+    original_step = runtime.train_step
+
+    def counted_step(batches, at, nonfinite):
+        counter.counting = at == step
+        try:
+            return original_step(batches, at, nonfinite)
+        finally:
+            counter.counting = False
+
+    runtime.train_step = counted_step
+    trainer.run()
+    return trainer
 
 
 def count_step_communication(overrides: list[str], step: int = 2) -> dict:
@@ -90,24 +129,9 @@ def count_step_communication(overrides: list[str], step: int = 2) -> dict:
     tp (bytes sent over its TP group), tp_kinds (the kinds of call there), tp_activation (of
     those, the bytes of tensors with >= 2 dimensions: activations and per-token statistics,
     not parameter vectors), dp (bytes over its DP group), other (every other group)."""
-    from gptscale import config
-    from gptscale.train.loop import Trainer
-
     counter = CommCounter()
     with counter.installed():
-        trainer = Trainer(config.load(None, overrides), "none")
-        runtime = trainer.runtime
-        original_step = runtime.train_step
-
-        def counted_step(batches, at, nonfinite):
-            counter.counting = at == step
-            try:
-                return original_step(batches, at, nonfinite)
-            finally:
-                counter.counting = False
-
-        runtime.train_step = counted_step
-        trainer.run()
+        trainer = train_counting(counter, overrides, step)
     tp_group, dp_group = trainer.topo.tp_group.group, trainer.topo.get_data_parallel_group()
     tp_calls = [c for c in counter.calls if c.group is tp_group]
     return {
