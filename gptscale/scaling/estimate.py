@@ -98,6 +98,7 @@ class Layout:
     virtual_stages: int = 1
     pipe_zero3_gather: str = "micro_batch"
     persistence_threshold: int = 100_000
+    reuse_distance: int = 1_000_000_000  # stage3_max_reuse_distance
     prefetch_bucket: int = 50_000_000
     reduce_bucket: int = 500_000_000
     pipe_partition: str = "parameters"
@@ -160,6 +161,7 @@ def layout_of(cfg: RunConfig, devices: int | None = None) -> Layout:
         virtual_stages=p.virtual_stages,
         pipe_zero3_gather=p.pipe_zero3_gather, pipe_partition=p.pipe_partition,
         persistence_threshold=_template_int(zero, "stage3_param_persistence_threshold", 100_000),
+        reuse_distance=_template_int(zero, "stage3_max_reuse_distance", 1_000_000_000),
         prefetch_bucket=_template_int(zero, "stage3_prefetch_bucket_size", 50_000_000),
         reduce_bucket=_template_int(zero, "reduce_bucket_size", 500_000_000),
         sub_group_size=_template_int(zero, "sub_group_size", 1_000_000_000),
@@ -513,7 +515,11 @@ def step_time(model: ModelConfig, layout: Layout, stage: StageTensors, hardware_
     tensor_parallel = tp_calls * formulas.ring_bytes_sent("all_reduce", activation, t) / tp_link
     stage_bytes = stage.total * b
     if layout.zero_stage == 3:
-        gathers = 1 if layout.gathers_once_per_step else 2 * m
+        # zero3: a micro-batch's backward reuses what its forward gathered when the whole model
+        # is within ZeRO-3's reuse distance (measured: tests/parallel/test_comm_volume.py), else
+        # it gathers again. Pipeline stages interleave micro-batches: forward and backward gather.
+        reused = not modes.by_name(layout.mode).pipeline and stage.total <= layout.reuse_distance
+        gathers = 1 if layout.gathers_once_per_step else (m if reused else 2 * m)
         dp_bytes = (gathers * formulas.ring_bytes_sent("all_gather", stage_bytes, dp)
                     + m * formulas.ring_bytes_sent("reduce_scatter", stage.total * 4, dp))
     else:

@@ -35,14 +35,22 @@ class CommCounter:
     calls: list[Call] = field(default_factory=list)
     label: str = ""
 
-    @contextlib.contextmanager
-    def installed(self):
-        """Wrap torch.distributed's collectives for the duration of the block."""
+    def install(self) -> dict:
+        """Wrap torch.distributed's collectives; returns the originals."""
         import torch.distributed as dist
 
         originals = {name: getattr(dist, name) for name in (*COLLECTIVES, *POINT_TO_POINT) if hasattr(dist, name)}
         for name, fn in originals.items():
             setattr(dist, name, self._wrap(name, fn))
+        return originals
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Wrap torch.distributed's collectives for the duration of the block (a process that
+        trains again afterwards should keep one counter installed: see `_process_counter`)."""
+        import torch.distributed as dist
+
+        originals = self.install()
         try:
             yield self
         finally:
@@ -101,6 +109,19 @@ def _call(name: str, args, kwargs, label: str) -> Call:
     return Call(kind, group, ndim, factor * size * (n - 1) / n if n > 1 else 0.0, label)
 
 
+_installed: list[CommCounter] = []
+
+
+def _process_counter() -> CommCounter:
+    """One counter installed for the life of the process: DeepSpeed's comm layer keeps the
+    functions it first looked up, so a counter removed after one run would miss the next's."""
+    if not _installed:
+        counter = CommCounter()
+        counter.install()
+        _installed.append(counter)
+    return _installed[0]
+
+
 def train_counting(counter: CommCounter, overrides: list[str], step: int = 2):
     """Train the run of `overrides` with `counter` counting only during step `step` (0-based;
     the third by default: warm, without the first step's set-up traffic). Returns the Trainer."""
@@ -124,20 +145,36 @@ def train_counting(counter: CommCounter, overrides: list[str], step: int = 2):
 
 
 def count_step_communication(overrides: list[str], step: int = 2) -> dict:
-    """Train the run of `overrides` (every rank calls this) and count step `step` (0-based; the
-    third by default: warm, without the first step's set-up traffic). Returns, for this rank:
-    tp (bytes sent over its TP group), tp_kinds (the kinds of call there), tp_activation (of
-    those, the bytes of tensors with >= 2 dimensions: activations and per-token statistics,
-    not parameter vectors), dp (bytes over its DP group), other (every other group)."""
-    counter = CommCounter()
-    with counter.installed():
-        trainer = train_counting(counter, overrides, step)
-    tp_group, dp_group = trainer.topo.tp_group.group, trainer.topo.get_data_parallel_group()
-    tp_calls = [c for c in counter.calls if c.group is tp_group]
-    return {
-        "tp": sum(c.sent for c in tp_calls),
-        "tp_kinds": sorted({c.kind for c in tp_calls}),
-        "tp_activation": sum(c.sent for c in tp_calls if c.ndim >= 2),
-        "dp": sum(c.sent for c in counter.calls if c.group is dp_group),
-        "other": sum(c.sent for c in counter.calls if c.group not in (tp_group, dp_group)),
-    }
+    """Train the run of `overrides` (every rank calls this) and count step `step`. Returns this
+    rank's bytes, grouped as `scaling.comm_volume.step_bytes` predicts them, the groups told
+    apart by their ranks (DeepSpeed's PipelineEngine makes its own group objects):
+    tp (over the TP group: TP's collectives; with sequence parallelism all-gathers too),
+    p2p_gather (TP-group all-gathers of flat pieces that a pipeline split over the TP ranks),
+    dp (over the DP group), p2p (point-to-point sends), other; plus tp_kinds, tp_activation
+    (of tp, the tensors with >= 2 dimensions: activations, per-token statistics) and stage."""
+    import torch.distributed as dist
+
+    counter = _process_counter()
+    counter.calls.clear()
+    trainer = train_counting(counter, overrides, step)
+    topo = trainer.topo
+    tp_ranks, dp_ranks = topo.ranks("tp"), topo.ranks("dp")
+    out = {"tp": 0.0, "p2p_gather": 0.0, "dp": 0.0, "p2p": 0.0, "other": 0.0, "tp_activation": 0.0,
+           "stage": topo.coords.pp}
+    kinds = set()
+    for call in counter.calls:
+        ranks = sorted(dist.get_process_group_ranks(call.group)) if call.group is not None else None
+        if call.kind == "send":
+            out["p2p"] += call.sent
+        elif ranks == tp_ranks and len(tp_ranks) > 1 and call.kind == "all_gather" and call.ndim == 1:
+            out["p2p_gather"] += call.sent
+        elif ranks == tp_ranks and len(tp_ranks) > 1:
+            out["tp"] += call.sent
+            kinds.add(call.kind)
+            out["tp_activation"] += call.sent if call.ndim >= 2 else 0.0
+        elif ranks == dp_ranks and len(dp_ranks) > 1:
+            out["dp"] += call.sent
+        else:
+            out["other"] += call.sent
+    out["tp_kinds"] = sorted(kinds)
+    return out

@@ -1,12 +1,12 @@
 """Sequence parallelism (parallel.sequence_parallel) in every run mode on 4 gloo CPU ranks:
 losses equal the single-process run from the same weights and batches, checkpoints
-consolidate to its weights, and a step sends exactly the bytes of the all-reduces it replaces.
-(The model-level check, every gradient against the dense model, is in test_tensor_parallel.py.)"""
+consolidate to its weights. (The model-level check, every gradient against the dense model, is in
+test_tensor_parallel.py; the bytes a step sends, in test_comm_volume.py.)"""
 import pytest
 
 from gptscale.testing.distributed import run_ranks
 from tests.parallel.training import (ENV, SMALL_GPT2_4_BLOCKS, SMALL_LLAMA, assert_weights_match, dense_reference,
-                                     synthetic, train_ranks)
+                                     synthetic, train_layouts)
 
 pytestmark = pytest.mark.dist
 
@@ -21,15 +21,6 @@ LAYOUTS = {
 }
 
 
-def _train_and_count(runs, counted):
-    """Rank body: the runs one after another (one start-up); for `counted` (zero3 at tp=2 with
-    and without sequence parallelism) the bytes each kind of collective sends in step 3."""
-    from gptscale.testing.comm import count_step_communication
-
-    results = [train_ranks(overrides, "none") for overrides in runs]
-    return results, [count_step_communication(overrides, step=2) for overrides in counted]
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sp")
@@ -39,9 +30,7 @@ def trained(tmp_path_factory):
                id(SMALL_GPT2_4_BLOCKS): save_init_weights(tmp_path / "gpt2.safetensors", SMALL_GPT2_4_BLOCKS)}
     runs = {name: synthetic(tmp_path, name, f"train.init_from={weights[id(model)]}", *extra, model=model)
             for name, (model, extra) in LAYOUTS.items()}
-    count = [synthetic(tmp_path, f"count_{sp}", "parallel.tp=2", "train.micro_batch=2", "train.steps=3",
-                       f"parallel.sequence_parallel={sp}", model=SMALL_LLAMA) for sp in ("false", "true")]
-    results = run_ranks(_train_and_count, 4, list(runs.values()), count, timeout=500, env=ENV)
+    results = run_ranks(train_layouts, 4, list(runs.values()), timeout=500, env=ENV)
     return tmp_path, runs, weights, results
 
 
@@ -50,7 +39,7 @@ def test_sequence_parallel_equals_dense(trained, layout):
     tmp_path, runs, weights, results = trained
     index = list(runs).index(layout)
     overrides = runs[layout]
-    losses = [rank_results[0][index]["losses"] for rank_results in results]
+    losses = [rank_results[index]["losses"] for rank_results in results]
     model = LAYOUTS[layout][0]
     reference, dense_final = dense_reference(overrides, weights[id(model)], 5)
     assert all(run == losses[0] for run in losses), losses
@@ -63,22 +52,3 @@ def test_sequence_parallel_equals_dense(trained, layout):
 
     _, weights_after = consolidate(tmp_path / layout / "checkpoints" / "step00000005")
     assert_weights_match(weights_after, dense_final, overrides, loss_tol=1e-5)
-
-
-def test_sequence_parallel_sends_the_bytes_of_the_all_reduces_it_replaces(trained):
-    """Per layer, TP's all-reduces (2 forward, 2 backward, plus the embedding's and the head's)
-    become as many reduce-scatter + all-gather pairs: the same bytes in a ring. What is left
-    over: the norm weights' gradients (summed over the group, 2 vectors of d per block and the
-    final one), all-reduced in place of nothing."""
-    *_, results = trained
-    plain, sequence = (dict(counted) for counted in results[0][1])
-    tensor_parallel = plain["tp"]
-    replaced = sequence["tp"]
-    print(f"bytes per step sent by one rank over its TP group: all-reduce {tensor_parallel:,.0f}, "
-          f"sequence parallel {replaced:,.0f} (ratio {replaced / tensor_parallel:.4f})")
-    assert plain["tp_kinds"] == ["all_reduce"]
-    assert set(sequence["tp_kinds"]) == {"all_gather", "reduce_scatter", "all_reduce"}
-    # all-gathers + reduce-scatters alone equal the all-reduce volume of the activations ...
-    assert sequence["tp_activation"] == pytest.approx(plain["tp_activation"], rel=1e-9)
-    # ... and the norm gradients' all-reduce is all that is added (a few KB against MB).
-    assert 1.0 <= replaced / tensor_parallel <= 1.05
