@@ -24,6 +24,7 @@ Small all-reduces (loss, gradient norm, overflow flags: bytes, not kilobytes) ar
 """
 from __future__ import annotations
 
+from gptscale import modes
 from gptscale.config import RunConfig
 from gptscale.scaling.estimate import PRECISION_BYTES, stage_tensors
 
@@ -48,18 +49,18 @@ def step_bytes(cfg: RunConfig, dp: int, stage: int = 0) -> dict[str, float]:
     if cfg.parallel.sequence_parallel:
         tp += _ring("all_reduce", _replicated_elements(cfg, first, last, tensors.blocks) * b, t)
     out = {"tp": m * tp, "dp": 0.0, "p2p": 0.0, "p2p_gather": 0.0}
-    mode = cfg.parallel.resolved_mode
-    if mode == "zero3":
+    spec = modes.resolve(cfg.parallel.mode, pp)
+    if not spec.pipeline and 3 in spec.zero_stages:  # one ZeRO-3 engine over the whole model
         gathered = tensors.zero3_partition(dp) * dp * b
         out["dp"] = m * (_ring("all_gather", gathered, dp) + _ring("reduce_scatter", tensors.zero3_partition(dp) * dp * 4, dp))
-    elif mode == "pipe":
+    elif spec.pipeline and 3 not in spec.zero_stages:  # DeepSpeed's PipelineEngine with ZeRO-0/1
         out["dp"] = _ring("all_reduce", tensors.total * 4, dp) + _ring("all_gather", tensors.total * b, dp)
         sends = (0 if last else m) + (0 if first else m)  # activations forward, gradients back
         out["p2p"] = sends * act / t
         gathers = (0 if first else m) + (0 if last else 2 * m)  # received activations; gradients and own outputs
         out["p2p_gather"] = gathers * _ring("all_gather", act, t)
     else:
-        raise ValueError(f"no communication theory for parallel.mode={mode} here")
+        raise ValueError(f"no communication theory for parallel.mode={spec.name} here")
     return out
 
 
