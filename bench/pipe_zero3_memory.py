@@ -29,12 +29,11 @@ def _measure(overrides: list[str]) -> dict:
 
     from gptscale.runtime.memory import resident_bytes
     from gptscale.runtime.pipe_zero3.p2p import P2P
-    from gptscale.testing.comm import CommCounter, train_counting
+    from gptscale.testing.comm import process_counter, train_counting
 
-    counter = CommCounter()
+    counter = process_counter()
     counter.label_methods(P2P, ("send", "recv"), "p2p")  # stage-to-stage transfers apart from ZeRO's and TP's
-    with counter.installed():
-        trainer = train_counting(counter, overrides, step=2)
+    trainer = train_counting(counter, overrides, step=2)
     runtime = trainer.runtime
     memory = resident_bytes(runtime.engine)
     stage_params = sum(getattr(p, "ds_numel", p.numel()) for p in runtime.engine.module.parameters())

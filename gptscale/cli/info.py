@@ -48,8 +48,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"per TP rank at tp={tp}: {parameters_per_tp_rank(m, tp):,} (vocabulary padded to "
           f"{m.padded_vocab_size(tp):,})")
     print(f"run mode: {cfg.parallel.resolved_mode}")
-    sp = cfg.parallel.sequence_parallel
-    print(f"sequence parallelism: {'on (norms, dropout and the residual stream on 1/' + str(tp) + ' of the sequence)' if sp else 'off'}")
+    split = f"on (norms, dropout and the residual stream on 1/{tp} of the sequence)"
+    print(f"sequence parallelism: {split if cfg.parallel.sequence_parallel else 'off'}")
     print(f"activation recompute: {_RECOMPUTE[m.activation_checkpointing]}")
     if args.world_size:
         layout = RankLayout.for_world(args.world_size, cfg.parallel)

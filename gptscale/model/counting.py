@@ -61,6 +61,12 @@ def count_parameters(cfg: ModelConfig, padded_vocab: int | None = None) -> Param
     )
 
 
+def replicated_per_block(cfg: ModelConfig) -> int:
+    """Parameters every TP rank holds whole in one block: its two norms and, with biases, the
+    row-parallel biases (attention output and MLP down)."""
+    return 2 * norm_parameters(cfg) + (2 * cfg.n_embd if cfg.bias else 0)
+
+
 def parameters_per_tp_rank(cfg: ModelConfig, tp: int) -> int:
     """Parameters one TP rank of `tp` holds (vocabulary padded for tp): split tensors count
     1/tp, replicated ones (norms, positions, row-parallel biases) whole. Arithmetic, so any
@@ -69,10 +75,9 @@ def parameters_per_tp_rank(cfg: ModelConfig, tp: int) -> int:
     qkv_out = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
     up_projections = 2 if cfg.uses_gated_mlp else 1
     split = d * qkv_out + cfg.n_head * cfg.head_dim * d + (up_projections + 1) * d * f
-    replicated = 2 * norm_parameters(cfg)
+    replicated = replicated_per_block(cfg)
     if cfg.bias:
         split += qkv_out + up_projections * f
-        replicated += 2 * d  # the row-parallel biases: attention output and MLP down
     vocab_rows = cfg.padded_vocab_size(tp) * d * (1 if cfg.tie_embeddings else 2)
     positions = 0 if cfg.uses_rope else cfg.block_size * d
     return (cfg.n_layer * (split // tp + replicated) + vocab_rows // tp + positions + norm_parameters(cfg))

@@ -168,8 +168,9 @@ def stage_bounds(cfg: ModelConfig, pp: int, method: str) -> list[int]:
     return partition_balanced(weights, pp)
 
 
-def describe_stages(layers: list[StageLayer], bounds: list[int]) -> str:
-    """One line naming each stage's layers, e.g. 'stage 0: embedding, positions, blocks 0-1 | stage 1: ...'."""
+def describe_stages(layers: list[StageLayer], bounds: list[int], piece: str = "stage") -> str:
+    """One line naming each stage's layers, e.g. 'stage 0: embedding, positions, blocks 0-1 | stage 1: ...'
+    (`piece`: what the cut pieces are called; "chunk" for interleaved model chunks)."""
     stages = []
     for stage, (start, stop) in enumerate(zip(bounds, bounds[1:])):
         names, blocks = [], []
@@ -183,7 +184,7 @@ def describe_stages(layers: list[StageLayer], bounds: list[int]) -> str:
             names.append(_LAYER_NAMES[layer.build.__name__] if layer.forward_fn is None else "head (tied embedding)")
         if blocks:
             names.append(_block_range(blocks))
-        stages.append(f"stage {stage}: {', '.join(names)}")
+        stages.append(f"{piece} {stage}: {', '.join(names)}")
     return " | ".join(stages)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from gptscale import modes
 from gptscale.config import RunConfig
+from gptscale.model.counting import norm_parameters, replicated_per_block
 from gptscale.scaling.estimate import PRECISION_BYTES, stage_tensors
 
 
@@ -67,12 +68,10 @@ def step_bytes(cfg: RunConfig, dp: int, stage: int = 0) -> dict[str, float]:
 def _replicated_elements(cfg: RunConfig, first: bool, last: bool, blocks: int) -> int:
     """Elements of the replicated parameters a stage uses on its sequence slice: every norm,
     the row-parallel biases, learned positions."""
-    d, model = cfg.model.n_embd, cfg.model
-    norm = d * (2 if not model.uses_rmsnorm and model.bias else 1)
-    per_block = 2 * norm + (2 * d if model.bias else 0)  # two norms; the attention and MLP output biases
-    total = blocks * per_block
+    model = cfg.model
+    total = blocks * replicated_per_block(model)
     if first and not model.uses_rope:
-        total += model.block_size * d
+        total += model.block_size * model.n_embd
     if last:
-        total += norm
+        total += norm_parameters(model)
     return total

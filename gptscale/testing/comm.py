@@ -9,7 +9,6 @@ layer); `count_step_communication` counts one training step of a run.
 """
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -29,33 +28,19 @@ class Call:
 
 @dataclass
 class CommCounter:
-    """Records every counted call while `counting` is True (see `installed`)."""
+    """Records every counted call while `counting` is True (see `process_counter`)."""
 
     counting: bool = False
     calls: list[Call] = field(default_factory=list)
     label: str = ""
 
-    def install(self) -> dict:
-        """Wrap torch.distributed's collectives; returns the originals."""
+    def install(self) -> None:
+        """Wrap torch.distributed's collectives, for good (see `process_counter`)."""
         import torch.distributed as dist
 
-        originals = {name: getattr(dist, name) for name in (*COLLECTIVES, *POINT_TO_POINT) if hasattr(dist, name)}
-        for name, fn in originals.items():
-            setattr(dist, name, self._wrap(name, fn))
-        return originals
-
-    @contextlib.contextmanager
-    def installed(self):
-        """Wrap torch.distributed's collectives for the duration of the block (a process that
-        trains again afterwards should keep one counter installed: see `_process_counter`)."""
-        import torch.distributed as dist
-
-        originals = self.install()
-        try:
-            yield self
-        finally:
-            for name, fn in originals.items():
-                setattr(dist, name, fn)
+        for name in (*COLLECTIVES, *POINT_TO_POINT):
+            if hasattr(dist, name):
+                setattr(dist, name, self._wrap(name, getattr(dist, name)))
 
     def _wrap(self, name, fn):
         def counted(*args, **kwargs):
@@ -112,8 +97,8 @@ def _call(name: str, args, kwargs, label: str) -> Call:
 _installed: list[CommCounter] = []
 
 
-def _process_counter() -> CommCounter:
-    """One counter installed for the life of the process: DeepSpeed's comm layer keeps the
+def process_counter() -> CommCounter:
+    """This process's counter, installed once for its life: DeepSpeed's comm layer keeps the
     functions it first looked up, so a counter removed after one run would miss the next's."""
     if not _installed:
         counter = CommCounter()
@@ -154,7 +139,7 @@ def count_step_communication(overrides: list[str], step: int = 2) -> dict:
     (of tp, the tensors with >= 2 dimensions: activations, per-token statistics) and stage."""
     import torch.distributed as dist
 
-    counter = _process_counter()
+    counter = process_counter()
     counter.calls.clear()
     trainer = train_counting(counter, overrides, step)
     topo = trainer.topo

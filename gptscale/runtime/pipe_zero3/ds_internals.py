@@ -1,4 +1,4 @@
-"""The four places where one ZeRO-3 engine per pipeline stage meets DeepSpeed's assumptions.
+"""The five places where one ZeRO-3 engine per pipeline stage meets DeepSpeed's assumptions.
 
 1. Keep ZeRO-3's consistency checks, but run them over the engine's own data-parallel group.
 

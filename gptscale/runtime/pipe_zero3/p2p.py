@@ -33,7 +33,7 @@ def activation_shape(cfg, tp: int) -> tuple[tuple[int, ...], bool]:
     """(the shape of the activation each TP rank holds between stages, whether the TP ranks
     hold identical copies, so that each sends only its 1/tp chunk)."""
     micro_batch, seq_len, d = cfg.train.micro_batch, cfg.data.seq_len, cfg.model.n_embd
-    if getattr(cfg.parallel, "sequence_parallel", False):
+    if cfg.parallel.sequence_parallel:
         return (micro_batch, seq_len // tp, d), False  # already split along the sequence: sent whole
     return (micro_batch, seq_len, d), tp > 1
 

@@ -68,9 +68,11 @@ class PipeZero3Runtime(Runtime):
         ranges = chunk_ranges(cfg.model, self.stages, cfg.parallel.pipe_partition, v)
         layers = stage_layers(cfg.model, topo.tp_group)
         if dist.get_rank() == 0:
-            cut = describe_stages(layers, stage_bounds(cfg.model, self.stages * v, cfg.parallel.pipe_partition))
+            bounds = stage_bounds(cfg.model, self.stages * v, cfg.parallel.pipe_partition)
+            cut = describe_stages(layers, bounds)
             if v > 1:  # the pieces are model chunks: stage s holds chunks s, pp + s, ...
-                cut = f"{v} chunks per stage, stage s runs chunks s, {self.stages} + s, ...: " + cut.replace("stage ", "chunk ")
+                cut = f"{v} chunks per stage, stage s runs chunks s, {self.stages} + s, ...: " + describe_stages(
+                    layers, bounds, piece="chunk")
             print(f"gptscale train: {cut}", flush=True)
         if v > 1:
             self._count_chunk_backwards(v)
@@ -154,11 +156,10 @@ class PipeZero3Runtime(Runtime):
             accumulate_from_zero(self.engine)
         with self._gathered_for_step():
             for op in stage_ops(self.stages, self.stage, m, v):
-                started = self.timer.begin()
                 if op.backward:
-                    self._backward(op, inflight, started)
+                    self._backward(op, inflight)
                 else:
-                    self._forward(op, micro[op.micro], inflight, losses, started)
+                    self._forward(op, micro[op.micro], inflight, losses)
             self.p2p.wait_sends()
         # The boundary step last, once every gradient has been passed on: its gradient norm is
         # an all-reduce over all stages, which a stage still waiting for a gradient would block.
@@ -170,26 +171,35 @@ class PipeZero3Runtime(Runtime):
     def _feeds_loss(self, chunk: int) -> bool:
         return self.is_last and chunk == self.virtual - 1
 
-    def _forward(self, op, batch, inflight: dict, losses: list[float], started: float) -> None:
+    def _chunk_input(self, input_ids, chunk: int) -> torch.Tensor:
+        """The token ids for the model's first chunk, else the previous chunk's output."""
+        if self.is_first and chunk == 0:
+            return input_ids
+        return self.p2p.recv(self.p2p.prev, activation_tag(chunk))
+
+    def _send_output(self, out, chunk: int) -> None:
+        """To the next chunk: the next stage's, or from the last stage stage 0's next one."""
+        self.p2p.send(out, self.p2p.next, activation_tag(chunk + (1 if self.is_last else 0)))
+
+    def _forward(self, op, batch, inflight: dict, losses: list[float]) -> None:
         input_ids, labels = self.on_device(batch)
-        if self.is_first and op.chunk == 0:
-            x = input_ids
-        else:
-            received = self.p2p.recv(self.p2p.prev, activation_tag(op.chunk))
-            started = self.timer.begin()  # waiting for it was idle time
-            x = received.requires_grad_()
+        x = self._chunk_input(input_ids, op.chunk)
+        started = self.timer.begin()  # waiting for the input was idle time
+        if x is not input_ids:
+            x.requires_grad_()
         out = self.engine(x, chunk=op.chunk)
         if self._feeds_loss(op.chunk):
             out = lm_loss(out, labels, self.topo.tp_group, self.num_valid_tokens)
             losses.append(out.item())
         self.timer.end(started)
         inflight[(op.micro, op.chunk)] = (x, out)
-        if not self._feeds_loss(op.chunk):  # to the next chunk: the next stage's, or stage 0's next one
-            self.p2p.send(out, self.p2p.next, activation_tag(op.chunk + (1 if self.is_last else 0)))
+        if not self._feeds_loss(op.chunk):
+            self._send_output(out, op.chunk)
 
-    def _backward(self, op, inflight: dict, started: float) -> None:
+    def _backward(self, op, inflight: dict) -> None:
         x, out = inflight.pop((op.micro, op.chunk))
         if self._feeds_loss(op.chunk):
+            started = self.timer.begin()
             # The step's loss is the mean over its m micro-batches (DeepSpeed would divide by its
             # accumulation steps, which count m·v backwards when interleaved).
             self.engine.backward(out / self.cfg.train.grad_accum, scale_wrt_gas=False)
@@ -232,15 +242,11 @@ class PipeZero3Runtime(Runtime):
         for batch in batches:  # fill and drain per batch and chunk: evaluation is small
             input_ids, labels = self.on_device(batch)
             for chunk in range(self.virtual):
-                if self.is_first and chunk == 0:
-                    x = input_ids
-                else:
-                    x = self.p2p.recv(self.p2p.prev, activation_tag(chunk))
-                out = self.engine(x, chunk=chunk)
+                out = self.engine(self._chunk_input(input_ids, chunk), chunk=chunk)
                 if self._feeds_loss(chunk):
                     losses.append(lm_loss(out, labels, self.topo.tp_group, divisor).item())
                 else:
-                    self.p2p.send(out, self.p2p.next, activation_tag(chunk + (1 if self.is_last else 0)))
+                    self._send_output(out, chunk)
         self.p2p.wait_sends()
         self.engine.train()
         self.timer.take()  # evaluation is not part of a training step's bubble
