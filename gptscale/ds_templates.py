@@ -4,18 +4,38 @@ Plain JSON and the mode registry, no torch: `gptscale train` checks its template
 any rank starts, and the estimator and layout search (`gptscale.scaling`) read the ZeRO stage
 and offload targets from the same files through the same checks, so they never propose a
 template that training would refuse. `runtime/ds_config.py` assembles the full config from it.
+
+The templates are package data (`gptscale._ds_configs`, mapped from the top-level ds_configs/ by
+pyproject.toml), read through importlib.resources: a wheel installed anywhere carries them.
 """
 from __future__ import annotations
 
 import json
 import os
+from importlib import resources
 from pathlib import Path
 
 from gptscale import modes
 from gptscale.config import RunConfig
 from gptscale.errors import ConfigError
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+
+def packaged_folder(package: str) -> Path:
+    """A folder that ships as package data: `gptscale._ds_configs` (the top-level ds_configs/),
+    `gptscale._configs` (configs/) or `gptscale._launch` (launch/); pyproject.toml maps each
+    repository folder to its name, inside the wheel and for an editable install alike."""
+    try:
+        folder = resources.files(package)
+    except ModuleNotFoundError:
+        raise ImportError(f"{package} is missing from this gptscale install: an editable install made before "
+                          f"ds_configs/, configs/ and launch/ became package data; reinstall it (make install, "
+                          f"or pip install -e .)") from None
+    if not isinstance(folder, Path):
+        raise ImportError(f"{package} is not a folder on disk ({folder!r}); install gptscale unzipped")
+    return folder
+
+
+TEMPLATE_DIR = packaged_folder("gptscale._ds_configs")
 OWNED_BY_RUN_CONFIG = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                        "optimizer", "scheduler", "gradient_clipping", "bf16", "fp16", "data_types")
 
