@@ -10,7 +10,7 @@ import os
 import sys
 
 from gptscale import modes
-from gptscale.cli import convert, data, info, lora, scaling, sweep, train
+from gptscale.cli import convert, data, info, launch_scripts, lora, scaling, sweep, train
 from gptscale.cli.options import OneLineParser
 from gptscale.errors import UserError
 
@@ -31,6 +31,7 @@ commands:
   lora       merge a LoRA run's adapters into its base
   estimate   parameters, FLOPs, memory per device, bubble and time to train on paper; --search for a layout
   sweep      a grid of model sizes x token budgets trained and fitted to L(N, D) = E + A/N^a + B/D^b
+  launch-scripts  copy this install's launch scripts, example configs and DeepSpeed templates into a folder
 """
 
 
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_parsers(sub)
     scaling.add_parsers(sub)
     sweep.add_parsers(sub)
+    launch_scripts.add_parsers(sub)
     return parser
 
 
