@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.gptscale-installed
 
-.PHONY: install demo finetune-demo sweep-demo beyond-memory test clean-venv
+.PHONY: install demo finetune-demo sweep-demo beyond-memory test docker-check clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +78,13 @@ test: install
 	@$(BIN)/python -m pytest -q --durations=15 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; fi; \
 	exit $$rc
+
+# Both Docker images built and run on this machine, no image registry needed (docker/check.sh: a private
+# dockerd if none is reachable, a debootstrap base, a wheelhouse from this machine's pip, the CPU image's
+# selftest, unit tests and 20 training steps, the GPU image's layers with CUDA=0). Needs no venv; run as
+# root; cleans up after itself (KEEP=1 keeps the images and the daemon). Run it whenever docker/ changes.
+docker-check:
+	TORCH="$(TORCH)" PYTHON="$(PYTHON)" docker/check.sh
 
 clean-venv:
 	rm -rf $(VENV)

@@ -10,7 +10,7 @@ import pytest
 
 from tests.launch.cluster import REPO
 
-SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("launch/slurm/*.sbatch")])
+SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("launch/slurm/*.sbatch"), *REPO.glob("docker/*.sh")])
 INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER",
                 "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
 
@@ -64,6 +64,10 @@ def test_dockerfiles_parse_and_copy_what_exists(name):
 
 
 def test_images_hold_what_they_promise():
+    for name, default in (("Dockerfile.gpu", "nvcr.io/nvidia/pytorch:"), ("Dockerfile.cpu", "python:3.11-slim")):
+        steps = parse_dockerfile(REPO / "docker" / name)  # the base is a build argument (docker/check.sh's local one)
+        assert steps[0][0] == "ARG" and steps[0][1].startswith(f"BASE_IMAGE={default}"), (name, steps[0])
+        assert steps[1] == ("FROM", "${BASE_IMAGE}"), (name, steps[1])
     gpu = " ".join(args for _, args in parse_dockerfile(REPO / "docker" / "Dockerfile.gpu"))
     for needed in ("DS_BUILD_FUSED_ADAM=1", "DS_BUILD_CPU_ADAM=1", "mpi4py", "pdsh", "openssh-server",
                    "deepspeed==", "libaio-dev",  # DS_BUILD_AIO=1 fails without it
