@@ -28,9 +28,38 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def curves(records: list[dict]) -> tuple[str, list[tuple[float, float]], list[tuple[float, float]]]:
+    """(x label, train points, validation points) of a run's metrics, x in tokens seen (steps
+    when a training record lacks the token count). Every validation record is placed, also the
+    one before training (step 0, x 0) and ones at steps no training record was logged at (x
+    interpolated between the logged steps' token counts, or extrapolated at the last rate)."""
+    train = [r for r in records if _number(r.get("loss"))]
+    val = [r for r in records if _number(r.get("val_loss"))]
+    by_tokens = bool(train) and all(_number(r.get("tokens")) for r in train)
+    known = {0: 0.0}
+    if by_tokens:
+        known.update((r["step"], float(r["tokens"])) for r in train)
+    steps = sorted(known)
+
+    def x_of(step: float) -> float:
+        if not by_tokens:
+            return float(step)
+        if step in known:
+            return known[step]
+        later = [s for s in steps if s > step]
+        lo = max(s for s in steps if s < step) if step > 0 else 0
+        hi = later[0] if later else lo
+        if hi == lo:  # past the last logged step: its average rate
+            return known[lo] + (step - lo) * (known[lo] / lo if lo else 0.0)
+        return known[lo] + (step - lo) * (known[hi] - known[lo]) / (hi - lo)
+
+    return ("tokens" if by_tokens else "step", [(x_of(r["step"]), r["loss"]) for r in train],
+            [(x_of(r["step"]), r["val_loss"]) for r in val])
+
+
 def plot_run(run_dir: str | Path) -> Path:
     """loss.png in the run folder: training and validation loss against tokens seen (steps
-    when a record lacks the token count)."""
+    when a record lacks the token count), from step 0."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,17 +71,13 @@ def plot_run(run_dir: str | Path) -> Path:
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         raise FileNotFoundError(f"{metrics} does not exist; is {run} a gptscale run folder?")
-    records = read_metrics(metrics)
-    train = [r for r in records if _number(r.get("loss"))]
-    val = [r for r in records if _number(r.get("val_loss"))]
-    by_tokens = bool(train) and all(_number(r.get("tokens")) for r in train)
-    x_of = {r["step"]: (r["tokens"] if by_tokens else r["step"]) for r in train}
+    xlabel, train, val = curves(read_metrics(metrics))
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    ax.plot([x_of[r["step"]] for r in train], [r["loss"] for r in train], label="train", lw=1)
+    ax.plot([x for x, _ in train], [y for _, y in train], label="train", lw=1)
     if val:
-        ax.plot([x_of.get(r["step"], 0 if r["step"] == 0 else float("nan")) for r in val],
-                [r["val_loss"] for r in val], "o-", label="validation")
-    ax.set_xlabel("tokens" if by_tokens else "step")
+        ax.plot([x for x, _ in val], [y for _, y in val], "o-", label="validation")
+    ax.set_xlim(left=0)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("cross-entropy (nats)")
     ax.set_title(f"{run.name}: {len(train)} logged steps")
     ax.grid(alpha=0.3)

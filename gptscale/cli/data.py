@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from gptscale.cli.options import positive_int
+from gptscale.cli.options import non_negative_int, positive_int
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
@@ -25,7 +25,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     options = ReadOptions(text_field=args.text_field, txt_mode=args.txt_mode, on_bad=args.on_bad)
     manifest = prepare(args.input, args.tokenizer, args.out, shard_bytes=parse_size(args.shard_size),
                        val_fraction=args.val_fraction, workers=args.workers, options=options,
-                       overwrite=args.overwrite, progress=not args.quiet)
+                       overwrite=args.overwrite, progress=not args.quiet, val_chunk=args.val_chunk)
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens, {len(info['shards'])} shards")
     if manifest["skipped"]:
@@ -90,6 +90,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--shard-size", default="64MB", help="approximate size of one shard (default 64MB)")
     p.add_argument("--val-fraction", type=float, default=0.01,
                    help="fraction of documents held out for validation, chosen by a hash of their name (default 0.01)")
+    p.add_argument("--val-chunk", type=non_negative_int, default=0, metavar="TOKENS",
+                   help="hold out chunks of this many tokens instead of whole documents: --val-fraction of every "
+                        "document's chunks, chosen by a hash of name and index, so validation has the corpus' mix "
+                        "(default 0: whole documents)")
     p.add_argument("--workers", type=positive_int, default=None, help="tokenizer processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -2,7 +2,8 @@
 
 Documents are read in a deterministic order, tokenized in batches by a pool of worker
 processes (results come back in order), assigned to train or validation by a hash of
-their stable name, and written as shards. The tokenizer is copied next to the shards so
+their stable name (or, with `val_chunk`, cut into chunks of that many tokens, each chunk
+assigned by a hash of its document's name and index), and written as shards. The tokenizer is copied next to the shards so
 the folder is self-contained. The same input gives byte-identical shards.
 
 Preparing a folder again in place (`--tokenizer OUT/tokenizer --out OUT --overwrite`) is
@@ -40,6 +41,26 @@ def is_validation(name: str, val_fraction: float) -> bool:
         return False
     digest = hashlib.sha256(name.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2 ** 64 < val_fraction
+
+
+def split_pieces(name: str, tokens: int, val_fraction: float, val_chunk: int = 0) -> list[tuple[int, int, bool]]:
+    """(start, end, held out) token ranges of one document, in order.
+
+    val_chunk=0: the whole document goes one way (`is_validation(name)`). val_chunk>0: the
+    document is cut into chunks of val_chunk tokens; chunk i is held out when
+    `is_validation(f"{name}#{i}")`, so validation is drawn from every kind of document in the
+    corpus, not from a handful of whole ones. Neighbouring chunks that go the same way stay one
+    range, so a training document is broken (and gets an EOS) only where a chunk was held out."""
+    if val_chunk <= 0:
+        return [(0, tokens, is_validation(name, val_fraction))]
+    pieces: list[tuple[int, int, bool]] = []
+    for start in range(0, tokens, val_chunk):
+        end, held = min(start + val_chunk, tokens), is_validation(f"{name}#{start // val_chunk}", val_fraction)
+        if pieces and pieces[-1][2] == held:
+            pieces[-1] = (pieces[-1][0], end, held)
+        else:
+            pieces.append((start, end, held))
+    return pieces
 
 
 def parse_size(text: str) -> int:
@@ -123,10 +144,13 @@ def _install_tokenizer(source: Path, out: Path) -> None:
 
 def prepare(inputs: list[str], tokenizer_path: str, out_dir: str | Path, *, shard_bytes: int = 64 << 20,
             val_fraction: float = 0.01, workers: int | None = None, options: ReadOptions | None = None,
-            overwrite: bool = False, progress: bool = True) -> dict:
-    """Tokenize `inputs` into train/val shards in `out_dir`; returns the manifest written."""
+            overwrite: bool = False, progress: bool = True, val_chunk: int = 0) -> dict:
+    """Tokenize `inputs` into train/val shards in `out_dir`; returns the manifest written.
+    `val_chunk` > 0 holds out chunks of that many tokens instead of whole documents (split_pieces)."""
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val-fraction {val_fraction} must be in [0, 1)")
+    if type(val_chunk) is not int or val_chunk < 0:
+        raise DataError(f"--val-chunk {val_chunk!r} must be a whole number of tokens >= 0 (0: whole documents)")
     if not inputs:
         raise DataError("no --input given")
     options = options or ReadOptions()
@@ -134,12 +158,12 @@ def prepare(inputs: list[str], tokenizer_path: str, out_dir: str | Path, *, shar
         # The tokenizer may live inside OUT (OUT/tokenizer): work from a copy made before OUT is touched.
         copy_tokenizer(Path(TextTokenizer.load(tokenizer_path).path).parent, Path(aside) / TOKENIZER_DIR)
         tokenizer = TextTokenizer.load(Path(aside) / TOKENIZER_DIR)
-        return _prepare(inputs, tokenizer, Path(out_dir), shard_bytes, val_fraction, workers, options, overwrite,
-                        progress)
+        return _prepare(inputs, tokenizer, Path(out_dir), shard_bytes, val_fraction, val_chunk, workers, options,
+                        overwrite, progress)
 
 
 def _prepare(inputs: list[str], tokenizer: TextTokenizer, out: Path, shard_bytes: int, val_fraction: float,
-             workers: int | None, options: ReadOptions, overwrite: bool, progress: bool) -> dict:
+             val_chunk: int, workers: int | None, options: ReadOptions, overwrite: bool, progress: bool) -> dict:
     dtype = token_dtype(tokenizer.vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     _clear_output(out, overwrite)
@@ -153,8 +177,10 @@ def _prepare(inputs: list[str], tokenizer: TextTokenizer, out: Path, shard_bytes
             if ids.size == 0:
                 options.bad(doc.name, doc.source, "document has no tokens")
                 continue
-            split = "val" if is_validation(doc.name, val_fraction) else "train"
-            writers[split].add(ids, {"source": doc.source, "name": doc.name})
+            pieces = split_pieces(doc.name, int(ids.size), val_fraction, val_chunk)
+            for start, end, held_out in pieces:
+                name = doc.name if len(pieces) == 1 else f"{doc.name}#{start}:{end}"
+                writers["val" if held_out else "train"].add(ids[start:end], {"source": doc.source, "name": name})
             text_bytes += len(doc.text.encode("utf-8"))
             bar.update(1)
             bar.set_postfix_str(f"{text_bytes / 1e6:.1f} MB text", refresh=False)
@@ -180,6 +206,7 @@ def _prepare(inputs: list[str], tokenizer: TextTokenizer, out: Path, shard_bytes
         "sources": list(inputs),
         "text_bytes": text_bytes,
         "val_fraction": val_fraction,
+        "val_chunk": val_chunk,
         "skipped": dict(options.skipped),
         "tokenizer": {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
                       "bos_id": tokenizer.bos_id, "pad_id": tokenizer.pad_id, "folder": TOKENIZER_DIR},

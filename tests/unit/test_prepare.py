@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gptscale.errors import DataError
-from gptscale.data.prepare import prepare
+from gptscale.data.prepare import is_validation, prepare, split_pieces
 from gptscale.data.shards import matching_tokenizer, read_manifest, split_urls
 from gptscale.data.sources import ReadOptions, embedded_documents, read_documents
 from gptscale.data.read import read_shard
@@ -111,6 +111,63 @@ def test_prepare_is_deterministic_and_splits_by_document(tmp_path, tokenizer):
     assert train["documents"] + val["documents"] == len(list(embedded_documents("pydoc")))
     assert sorted(shard_texts(tmp_path / "one", tokenizer) + shard_texts(tmp_path / "one", tokenizer, "val")) == \
         sorted(text for _, text in embedded_documents("pydoc"))
+
+
+def test_split_pieces_hold_out_chunks_by_hash_of_name_and_index():
+    assert split_pieces("doc", 1000, 0.5) == [(0, 1000, is_validation("doc", 0.5))]  # val_chunk 0: whole
+    held = total = 0
+    for n in range(300):
+        pieces = split_pieces(f"file{n}.py", 1000 + n, 0.1, val_chunk=64)
+        # in order, no gap, no overlap, neighbours go different ways (same-way chunks stay one range)
+        assert pieces[0][0] == 0 and pieces[-1][1] == 1000 + n
+        assert all(a[1] == b[0] and a[2] != b[2] for a, b in zip(pieces, pieces[1:]))
+        for i, start in enumerate(range(0, 1000 + n, 64)):
+            (flag,) = [h for a, b, h in pieces if a <= start < b]
+            assert flag == is_validation(f"file{n}.py#{i}", 0.1)
+            held, total = held + flag, total + 1
+    assert 0.08 < held / total < 0.12  # 4,800 chunks, 10% asked
+    assert split_pieces("x", 100, 0.0, val_chunk=16) == [(0, 100, False)]
+
+
+def test_prepare_with_val_chunk_holds_out_chunks_of_every_kind_of_document(tmp_path, tokenizer):
+    whole = prepare(["builtin:pydoc"], tokenizer.path, tmp_path / "whole", val_fraction=0.0, workers=1,
+                    progress=False)
+    manifest = prepare(["builtin:pydoc"], tokenizer.path, tmp_path / "chunks", val_fraction=0.05, val_chunk=128,
+                       workers=1, progress=False)
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    assert manifest["val_chunk"] == 128 and whole["val_chunk"] == 0
+    assert train["tokens"] + val["tokens"] == whole["splits"]["train"]["tokens"]  # every token, once
+    assert 0.03 < val["tokens"] / (train["tokens"] + val["tokens"]) < 0.07
+    pieces = {split: _pieces(tmp_path / "chunks", split) for split in ("train", "val")}
+    held_from = {name.split("#")[0] for name, _ in pieces["val"]}
+    by_document = sum(is_validation(f"builtin:pydoc:{name}", 0.05) for name, _ in embedded_documents("pydoc"))
+    assert len(held_from) >= 4 * by_document  # from many documents (30 of 79), not a handful (6 whole ones)
+    for name, tokens in pieces["val"]:  # whole documents, or ranges starting at a chunk boundary
+        if "#" in name:
+            start, end = map(int, name.rsplit("#", 1)[1].split(":"))
+            assert start % 128 == 0 and end - start == len(tokens)
+    # train and val together are the corpus: every document's tokens, in order, cut only where chunks were held out
+    rebuilt: dict[str, list] = {}
+    for name, tokens in sorted(pieces["train"] + pieces["val"],
+                               key=lambda p: (p[0].split("#")[0], int(p[0].rsplit("#", 1)[1].split(":")[0])
+                                              if "#" in p[0] else 0)):
+        rebuilt.setdefault(name.split("#")[0], []).extend(tokens.tolist())
+    expected = {f"builtin:pydoc:{name}": tokenizer.encode(text) for name, text in embedded_documents("pydoc")}
+    assert rebuilt == expected
+
+
+def _pieces(folder, split):
+    """(name, token ids) of every document in a split's shards."""
+    import io
+    import tarfile
+
+    out = []
+    for url in split_urls(folder, split, read_manifest(folder)):
+        with tarfile.open(url) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for key in sorted({n.split(".")[0] for n in members}):
+            out.append((json.loads(members[f"{key}.json"])["name"], np.load(io.BytesIO(members[f"{key}.npy"]))))
+    return out
 
 
 @pytest.mark.parametrize("content, options, message", [
