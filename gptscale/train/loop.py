@@ -60,7 +60,8 @@ class TrainResult:
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (SLURM preemption) set a flag; ranks agree on it at each step end.
+    """SIGTERM / SIGUSR1 (SLURM preemption) set a flag; ranks agree on it at each step end
+    (`agree_step_end`, together with whether the step was bad).
 
     Armed when training begins. During start-up (rendezvous, building, resuming) the signals
     keep their default action and end the process at once: there is nothing to save, the
@@ -75,10 +76,14 @@ class StopRequest:
     def _handle(self, signum, frame):
         self.flag = True
 
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.flag else 0.0], device=comm_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+
+def agree_step_end(bad: bool, stop: bool) -> tuple[bool, bool]:
+    """(was the step bad on any rank, did any rank get a stop signal): both in one all-reduce,
+    the loop's only per-step collective besides the mode's own (each is a host sync on a GPU)."""
+    flags = torch.tensor([float(bad), float(stop)], device=comm_device())
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad_anywhere, stop_anywhere = flags.tolist()
+    return bool(bad_anywhere), bool(stop_anywhere)
 
 
 class NonFinitePolicy:
@@ -107,13 +112,15 @@ class NonFinitePolicy:
         if self.streak >= self.max_in_a_row:
             self.exceeded = f"{self.streak} consecutive {what} had a non-finite loss or gradient norm at step {step}"
 
-    def after_step(self, loss: float, grad_norm: float | None, skipped: bool, step: int) -> None:
-        """Judge the step just taken (every rank alike): its loss, its gradient norm, and whether
-        DeepSpeed skipped the optimizer step (its own check found non-finite gradients)."""
-        bad = skipped or not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm))
-        flag = torch.tensor([1.0 if bad else 0.0], device=comm_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
+    @staticmethod
+    def bad_step(loss: float, grad_norm: float | None, skipped: bool) -> bool:
+        """Was the step just taken bad on this rank: its loss, its gradient norm, or DeepSpeed
+        skipped the optimizer step (its own check found non-finite gradients)."""
+        return skipped or not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm))
+
+    def after_step(self, bad_anywhere: bool, step: int) -> None:
+        """Count the step by the ranks' agreed verdict (every rank alike)."""
+        if bad_anywhere:
             self._count(step, "steps")
         else:
             self.finite()
@@ -287,12 +294,15 @@ class Trainer:
             set_rng_state(resumed.rng)
         runtime.train()
         self.stop = StopRequest()
+        loop_started = time.perf_counter()  # wall_s: everything the loop does, for tokens / wall time
         while step < t.steps:
             start = time.perf_counter()
             skipped_before = runtime.skipped_steps()
             loss_value = runtime.train_step(iterator, step, nonfinite)
             grad_norm, skipped = runtime.grad_norm(), runtime.skipped_steps() > skipped_before
-            nonfinite.after_step(loss_value, grad_norm, skipped, step + 1)
+            # A signal that lands after this point is seen at the next step's end.
+            bad, signalled = agree_step_end(nonfinite.bad_step(loss_value, grad_norm, skipped), self.stop.flag)
+            nonfinite.after_step(bad, step + 1)
             step += 1
             elapsed = time.perf_counter() - start
             result.losses[step] = loss_value
@@ -303,13 +313,13 @@ class Trainer:
                              "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_s,
                              "tflops_per_device": tflops, "mfu": tflops / peak if peak else None,
                              "peak_mem_gb": peak_memory_gb(), "nonfinite_skipped": nonfinite.total,
-                             "optimizer_step_skipped": skipped, "step_time_s": elapsed, **runtime.step_metrics()})
+                             "optimizer_step_skipped": skipped, "step_time_s": elapsed,
+                             "wall_s": time.perf_counter() - loop_started, **runtime.step_metrics()})
             nonfinite.stop_if_exceeded()  # after the step is logged
             job.step_took(elapsed)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             faults.after_step(step, self.rank)
-            signalled = self.stop.agreed()
             # A stop signal leaves only the preemption lead: the save comes first, a due eval is skipped.
             if ((t.eval_every and step % t.eval_every == 0) or step == t.steps) and not signalled:
                 result.val_losses[step] = self._evaluate(held_out, step, metrics, bar)
