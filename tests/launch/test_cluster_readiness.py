@@ -130,20 +130,20 @@ def _python_that_hangs_on_node_1(tmp_path) -> str:
 
 
 @pytest.mark.parametrize("launch, expected", [
-    ("srun", "gptscale: error: rank 0: only 1 of 2 ranks joined within 20 s; missing rank(s) 1"),
+    ("srun", "gptscale: error: rank 0: only 1 of 2 ranks joined within 8 s; missing rank(s) 1"),
     ("torchrun", "1/2 clients joined"),
 ])
 def test_a_node_that_never_starts_fails_the_job_within_the_rendezvous_timeout(slurm, tmp_path, launch_env, launch,
                                                                               expected):
     config, _ = _config(tmp_path)
     state, output, seconds = _job(slurm, tmp_path, launch_env, config, launch=launch, timeout=150,
-                                  PYTHON=_python_that_hangs_on_node_1(tmp_path), GPTSCALE_RENDEZVOUS_TIMEOUT="20",
+                                  PYTHON=_python_that_hangs_on_node_1(tmp_path), GPTSCALE_RENDEZVOUS_TIMEOUT="8",
                                   MAX_CRASH_RETRIES="0")
     assert state == "FAILED", output[-3000:]
     assert expected in output, output[-3000:]
     assert "not requeueing" in output
-    print(f"\n{launch}: a node that never started failed the job {seconds:.0f} s after it began (rendezvous timeout 20 s)")
-    assert seconds < 20 + 45  # start-up (imports) + the timeout + teardown; main waited 600-1800 s
+    print(f"\n{launch}: a node that never started failed the job {seconds:.0f} s after it began (rendezvous timeout 8 s)")
+    assert seconds < 8 + 45  # start-up (imports) + the timeout + teardown; main waited 600-1800 s
 
 
 # -- time limit, requeue, failed saves -------------------------------------------------------
