@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The main job: tokenizer + shards from the embedded corpus, then ZeRO-3 pretraining of the
-# tiny preset on 2 CPU ranks (700 steps), a sample from the checkpoint and the loss plot (see README).
+# tiny preset on 2 CPU ranks (1,000 steps), a sample from the checkpoint and the loss plot (see README).
 # Validation: 1% of every document's 256-token chunks, so it has the training mix (see README).
 RUN := runs/tiny
 demo: install
@@ -32,9 +32,9 @@ demo: install
 	rm -rf $(RUN)
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node 2 -m gptscale.cli train \
 		--config configs/tiny.yaml --set train.out_dir=$(RUN)
-	$(BIN)/gptscale generate --checkpoint $(RUN)/checkpoints/step00000700 --prompt "def" --max-new-tokens 60
+	$(BIN)/gptscale generate --checkpoint $(RUN)/checkpoints/step00001000 --prompt "def" --max-new-tokens 60
 	$(BIN)/gptscale plot $(RUN)
-	$(BIN)/gptscale convert to-hf $(RUN)/checkpoints/step00000700 $(RUN)/hf --quiet
+	$(BIN)/gptscale convert to-hf $(RUN)/checkpoints/step00001000 $(RUN)/hf --quiet
 
 # Fine-tuning the demo's model (runs `make demo` first if its checkpoint is missing): records of
 # "what does this line define?" (class / method / function), LoRA on 2 CPU ranks with the
@@ -42,14 +42,14 @@ demo: install
 # exported as a PEFT folder beside the exported base (see README, "Fine-tune").
 FT := runs/sft-lora
 finetune-demo: install
-	test -d $(RUN)/checkpoints/step00000700 || $(MAKE) demo
+	test -d $(RUN)/checkpoints/step00001000 || $(MAKE) demo
 	$(BIN)/python examples/sft_records.py runs/sft_records
 	$(BIN)/gptscale data prepare-sft --input runs/sft_records/train.jsonl --val-input runs/sft_records/val.jsonl \
 		--tokenizer runs/tokenizer --out runs/sft_data --seq-len 64 --overwrite
 	rm -rf $(FT)
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node 2 -m gptscale.cli finetune \
 		--config configs/sft-lora.yaml --set train.out_dir=$(FT)
-	$(BIN)/gptscale generate --checkpoint $(RUN)/checkpoints/step00000700 --adapter $(FT)/checkpoints/step00000200 \
+	$(BIN)/gptscale generate --checkpoint $(RUN)/checkpoints/step00001000 --adapter $(FT)/checkpoints/step00000200 \
 		--chat --prompt "def read_config(self, path):" --temperature 0
 	rm -rf $(FT)/peft
 	$(BIN)/gptscale convert to-hf --adapter $(FT)/checkpoints/step00000200 $(FT)/peft --base $(RUN)/hf
