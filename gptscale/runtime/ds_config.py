@@ -43,6 +43,15 @@ def assemble(cfg: RunConfig, dp_size: int, on_gpu: bool, template: dict | None =
             # Without CUDA and without offload, DeepSpeed's fused Adam is unavailable: use torch's.
             **({} if on_gpu or offloads_optimizer else {"torch_adam": True})}},
     })
+    # DeepSpeed's throughput timer synchronizes the device at each forward and each step (two
+    # host syncs per micro-batch); gptscale times its steps itself. Off unless a template asks.
+    ds.setdefault("timers", {"throughput": {"enabled": False}})
+    zero = ds.get("zero_optimization", {})
+    if cfg.lora is not None and "leaf_module" in zero:
+        # Under ZeRO-3 leaf modules (one gather per block instead of one per linear) DeepSpeed
+        # 0.19 releases a LoRA block's frozen base weights before their backward runs
+        # (measured: "size of tensor a (0) must match"); LoRA runs keep per-module hooks.
+        ds["zero_optimization"] = {k: v for k, v in zero.items() if k != "leaf_module"}
     if cfg.parallel.sequence_parallel and "pipeline" in ds:
         # DeepSpeed's activation partitioning sends 1/tp of a tensor it assumes every TP rank
         # holds whole; under sequence parallelism each rank holds its own slice, sent whole.
