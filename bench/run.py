@@ -1,0 +1,299 @@
+"""The throughput harness: gptscale against its peers, side by side, in one run.
+
+Each comparison runs in one process tree (spawned gloo CPU ranks, or CUDA devices where there
+are some), builds both contenders in the same rank processes, and alternates timed windows
+A, B, B, A, A, B, ... so that drift (thermal, other load) falls on both alike. It prints the
+median tokens/s of each, the ratio, and writes everything (settings included) as JSON.
+
+    .venv/bin/python bench/run.py                      # all four, 5 repetitions each
+    .venv/bin/python bench/run.py --only ddp --reps 7  # one comparison
+
+Comparisons (targets are issue 18's):
+  transformers  gptscale's GPT-2 and Llama against transformers' GPT2LMHeadModel and
+                LlamaForCausalLM of the same shape, the same assembled ZeRO-3 config, the same
+                ranks and tokens (raw engine loops on both sides). Target >= 1.2x.
+  ddp           gptscale's model under its ZeRO-3 engine against the same model under plain
+                PyTorch DDP with torch's AdamW and the same clipping: ZeRO-3's overhead. <= 1.3x.
+  gemm          one rank (all cores) training the gpt2-124m preset through gptscale's step,
+                its model FLOP/s against the fp32 GEMM peak measured in the same process
+                between the windows. >= 50%.
+  trainer       `gptscale train`'s loop (Trainer.run, wall time between its per-step metrics
+                records) against the bare engine loop of the same Trainer's engine. >= 90%.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the checkout
+
+from gptscale.testing.distributed import run_ranks  # noqa: E402
+
+# The shape the multi-rank comparisons share: small enough for 2 CPU ranks, every part of a GPT.
+SHAPE = {"n_layer": 6, "n_embd": 384, "n_head": 6, "vocab_size": 8192, "seq_len": 256, "micro_batch": 4}
+WARMUP_STEPS = 2
+
+
+def _overrides(family: str, shape: dict, out_dir: str, extra: list[str] = ()) -> list[str]:
+    s = shape
+    model = ([f"model.preset={s['preset']}"] if "preset" in s else
+             [f"model.family={family}", f"model.n_layer={s['n_layer']}", f"model.n_embd={s['n_embd']}",
+              f"model.n_head={s['n_head']}", f"model.vocab_size={s['vocab_size']}",
+              f"model.block_size={s['seq_len']}"])
+    if family == "llama" and "preset" not in s:
+        model += [f"model.n_kv_head={s['n_head'] // 3}", f"model.ffn_hidden={4 * s['n_embd']}"]
+    return [*model, f"data.seq_len={s['seq_len']}", "data.synthetic=true", f"train.micro_batch={s['micro_batch']}",
+            "train.grad_accum=1", "train.eval_every=0", "train.save_every=0", "train.sample_tokens=0",
+            "train.progress=false", "train.tensorboard=false", "train.lr=1e-4", "train.warmup_steps=0",
+            f"train.out_dir={out_dir}", *extra]
+
+
+def _trainer(overrides: list[str]):
+    from gptscale import config
+    from gptscale.train.loop import Trainer
+
+    os.environ["GPTSCALE_QUIET_SAVE"] = "1"
+    return Trainer(config.load(None, overrides), resume="none", overwrite_run=True)
+
+
+def _alternate(contenders: dict[str, Callable[[], None]], reps: int, steps: int) -> dict[str, list[float]]:
+    """Seconds per step of each contender, one entry per repetition; windows alternate ABBA."""
+    import torch.distributed as dist
+
+    names = list(contenders)
+    for name in names:
+        for _ in range(WARMUP_STEPS):
+            contenders[name]()
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(steps):
+                contenders[name]()
+            dist.barrier()
+            seconds[name].append((time.perf_counter() - start) / steps)
+    return seconds
+
+
+def _engine_step(engine, batches, hf: bool = False) -> Callable[[], None]:
+    def step():
+        x, y = (t.to(engine.device) for t in next(batches))
+        loss = engine(input_ids=x, labels=x).loss if hf else engine(x, labels=y)
+        engine.backward(loss)
+        engine.step()
+    return step
+
+
+def _hf_model(cfg):
+    m = cfg.model
+    if m.family == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        return GPT2LMHeadModel(GPT2Config(
+            vocab_size=m.vocab_size, n_positions=m.block_size, n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new",
+            attn_implementation="sdpa"))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.n_embd, intermediate_size=m.ffn_hidden, num_hidden_layers=m.n_layer,
+        num_attention_heads=m.n_head, num_key_value_heads=m.n_kv_head, max_position_embeddings=m.block_size,
+        rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
+        attn_implementation="sdpa"))
+
+
+def _synthetic(cfg, topo):
+    from gptscale.train.batches import SyntheticBatches
+
+    return iter(SyntheticBatches(cfg.model.vocab_size, cfg.data.seq_len, cfg.train.micro_batch, 1, topo.coords.dp,
+                                 topo.layout.dp, 0))
+
+
+# -- the comparisons, each run on every rank ----------------------------------------------------
+
+def vs_transformers(overrides: list[str], reps: int, steps: int) -> dict:
+    import torch
+
+    from gptscale.ds_import import import_deepspeed
+
+    import transformers  # noqa: F401 - before zero.Init patches tensor construction
+    trainer = _trainer(overrides)
+    cfg, topo, ds = trainer.cfg, trainer.topo, import_deepspeed()
+    torch.manual_seed(0)
+    with ds.zero.Init(config_dict_or_path=trainer.ds_config, mpu=topo,
+                      data_parallel_group=topo.get_data_parallel_group()):
+        theirs = _hf_model(cfg)
+    engine, *_ = ds.initialize(model=theirs, model_parameters=theirs.parameters(), config=trainer.ds_config, mpu=topo)
+    ours = trainer.runtime.engine
+    seconds = _alternate({"gptscale": _engine_step(ours, _synthetic(cfg, topo)),
+                          "transformers": _engine_step(engine, _synthetic(cfg, topo), hf=True)}, reps, steps)
+    return {"seconds_per_step": seconds, "ds_config": trainer.ds_config}
+
+
+def vs_ddp(overrides: list[str], reps: int, steps: int) -> dict:
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from gptscale.model.gpt import GPT
+    from gptscale.parallel.topology import TPGroup
+
+    trainer = _trainer(overrides)
+    cfg, topo, t = trainer.cfg, trainer.topo, trainer.cfg.train
+    torch.manual_seed(0)
+    model = DistributedDataParallel(GPT(cfg.model, TPGroup.single()))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                                  weight_decay=t.weight_decay)
+    batches = _synthetic(cfg, topo)
+
+    def ddp_step():
+        x, y = next(batches)
+        model(x, labels=y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = _alternate({"gptscale_zero3": _engine_step(trainer.runtime.engine, _synthetic(cfg, topo)),
+                          "torch_ddp": ddp_step}, reps, steps)
+    return {"seconds_per_step": seconds, "ds_config": trainer.ds_config}
+
+
+def vs_gemm_peak(overrides: list[str], reps: int, steps: int) -> dict:
+    """Alternates a window of training steps with a GEMM peak measurement, all threads."""
+    import torch
+
+    from gptscale.model.counting import flops_per_token
+    from gptscale.scaling.hardware import measure_cpu_peak_tflops
+
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    trainer = _trainer(overrides)
+    cfg, runtime = trainer.cfg, trainer.runtime
+    batches = iter(trainer.task.train_batches(0, 1))
+
+    class Counter:  # the non-finite policy the step reports to (never triggers here)
+        def nonfinite(self, step, what):
+            raise AssertionError(f"non-finite {what} at step {step}")
+
+    def train_step():
+        runtime.train_step(batches, 0, Counter())
+
+    def peak() -> float:  # the best of the square GEMMs the model's own sizes bracket
+        return max(measure_cpu_peak_tflops(seconds=1.0, n=n) for n in (1024, 2048))
+
+    for _ in range(WARMUP_STEPS):
+        train_step()
+    seconds, peaks = [], [peak()]
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(steps):
+            train_step()
+        seconds.append((time.perf_counter() - start) / steps)
+        peaks.append(peak())
+    return {"seconds_per_step": {"gptscale_step": seconds}, "peak_tflops": peaks, "threads": threads,
+            "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len)}
+
+
+def vs_bare_loop(overrides: list[str], reps: int, steps: int) -> dict:
+    """Per repetition a fresh Trainer: its engine's bare loop, then Trainer.run (or the other
+    order), the latter timed between its own metrics records (everything the loop does per step)."""
+    import torch.distributed as dist
+
+    base_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("train.out_dir="))
+    seconds: dict[str, list[float]] = {"gptscale_train": [], "bare_engine_loop": []}
+    total = WARMUP_STEPS + steps
+    for rep in range(reps):
+        out_dir = f"{base_dir}/rep{rep}"
+        trainer = _trainer([*overrides, f"train.out_dir={out_dir}", f"train.steps={total}"])
+        bare = _engine_step(trainer.runtime.engine, _synthetic(trainer.cfg, trainer.topo))
+        for which in (("bare", "train") if rep % 2 == 0 else ("train", "bare")):
+            if which == "bare":
+                for _ in range(WARMUP_STEPS):
+                    bare()
+                dist.barrier()
+                start = time.perf_counter()
+                for _ in range(steps):
+                    bare()
+                dist.barrier()
+                seconds["bare_engine_loop"].append((time.perf_counter() - start) / steps)
+            else:
+                trainer.run()
+                if dist.get_rank() == 0:
+                    records = [json.loads(line) for line in open(f"{out_dir}/metrics.jsonl")]
+                    wall = {r["step"]: r["wall_s"] for r in records if "wall_s" in r}
+                    seconds["gptscale_train"].append((wall[total] - wall[WARMUP_STEPS]) / steps)
+    return {"seconds_per_step": seconds}
+
+
+COMPARISONS = {
+    "transformers": ("gptscale / transformers", 1.2, ">="),
+    "ddp": ("ZeRO-3 step time / DDP step time", 1.3, "<="),
+    "gemm": ("model FLOP/s / measured GEMM peak", 0.5, ">="),
+    "trainer": ("gptscale train / bare engine loop", 0.9, ">="),
+}
+
+
+def _summary(name: str, label: str, result: dict, tokens_per_step: int) -> dict:
+    medians = {k: statistics.median(v) for k, v in result["seconds_per_step"].items()}
+    tokens = {k: tokens_per_step / v for k, v in medians.items()}
+    a, b = list(tokens)[:2] if len(tokens) > 1 else (list(tokens)[0], None)
+    if name == "gemm":
+        achieved = result["flops_per_token"] * tokens[a] / 1e12
+        ratio = achieved / statistics.median(result["peak_tflops"])
+    elif name == "ddp":
+        ratio = medians[a] / medians[b]
+    else:
+        ratio = tokens[a] / tokens[b]
+    return {"label": label, "tokens_per_s": tokens, "ratio": ratio}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="transformers,ddp,gemm,trainer",
+                        help="comma-separated comparisons to run (default: all four)")
+    parser.add_argument("--reps", type=int, default=5, help="timed windows per contender (median reported)")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per window")
+    parser.add_argument("--ranks", type=int, default=2, help="ranks for transformers, ddp and trainer")
+    parser.add_argument("--json", default="bench/run.json", help="where the results go")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="run-config overrides for gptscale's side, e.g. train.ds_config=my.json")
+    parser.add_argument("--families", default="gpt2,llama", help="families the transformers comparison runs")
+    args = parser.parse_args()
+    env = {"DS_ACCELERATOR": "cpu"}
+    report = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "reps": args.reps, "steps_per_window": args.steps,
+              "cpus": len(os.sched_getaffinity(0)), "dtype": "fp32", "comparisons": {}}
+    for name in args.only.split(","):
+        label, target, sense = COMPARISONS[name]
+        shape = {"preset": "gpt2-124m", "seq_len": 256, "micro_batch": 4} if name == "gemm" else SHAPE
+        ranks = 1 if name == "gemm" else args.ranks
+        for family in (args.families.split(",") if name == "transformers" else ("gpt2",)):
+            with tempfile.TemporaryDirectory(prefix="gptscale-bench-") as out_dir:
+                overrides = _overrides(family, shape, out_dir, args.set)
+                body = {"transformers": vs_transformers, "ddp": vs_ddp, "gemm": vs_gemm_peak,
+                        "trainer": vs_bare_loop}[name]
+                started = time.perf_counter()
+                result = run_ranks(body, ranks, overrides, args.reps, args.steps, timeout=3600, env=env)[0]
+            tokens_per_step = shape["seq_len"] * shape["micro_batch"] * ranks
+            summary = _summary(name, label, result, tokens_per_step)
+            ok = summary["ratio"] >= target if sense == ">=" else summary["ratio"] <= target
+            key = f"{name}/{family}" if name == "transformers" else name
+            report["comparisons"][key] = {**summary, "target": f"{sense} {target}", "met": ok, "ranks": ranks,
+                                          "family": family, "shape": shape, "tokens_per_step": tokens_per_step,
+                                          "wall_s": round(time.perf_counter() - started, 1), **result}
+            rates = "  ".join(f"{k} {v:,.0f} tok/s" for k, v in summary["tokens_per_s"].items())
+            print(f"{key:<20} {rates}  ->  {label} = {summary['ratio']:.3f} (target {sense} {target}: "
+                  f"{'met' if ok else 'NOT met'})", flush=True)
+    Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    print(f"shape {SHAPE} (gemm: gpt2-124m, seq 256, micro-batch 4, 1 rank), fp32, {args.reps} alternating "
+          f"windows of {args.steps} steps per contender; JSON: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
