@@ -301,3 +301,23 @@ class SshHosts:
 
     def __exit__(self, *exc) -> None:
         self.daemons.stop()
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it (torchrun starts its ranks in sessions of their own,
+    so a process group does not reach them; a scheduler signals the whole job)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.launch.cluster import REPO, wait_until
+from tests.launch.cluster import REPO, process_tree, wait_until
 
 pytestmark = pytest.mark.launch
 STEPS = 24  # long enough that a signal sent after step 3 arrives before the end
@@ -32,26 +32,6 @@ train: {{out_dir: {run_dir}, steps: {STEPS}, micro_batch: 2, eval_every: 0, eval
 def _torchrun(*args):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args,
             "-m", "gptscale.cli", "train"]
-
-
-def _tree(root: int) -> list[int]:
-    """`root` and every process below it (torchrun starts its ranks in sessions of their own,
-    so a process group does not reach them; a scheduler signals the whole job)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += children.get(pid, [])
-    return found
 
 
 def _losses(run_dir):
@@ -81,7 +61,7 @@ def test_sigterm_to_the_whole_torchrun_job_saves_and_resumes_exactly(tmp_path, s
     try:
         metrics = run_dir / "metrics.jsonl"
         wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 180, "three steps")
-        job_processes = _tree(job.pid)
+        job_processes = process_tree(job.pid)
         assert len(job_processes) >= 5  # torchrun, 2 ranks, their loader workers (in sessions of their own)
         for pid in job_processes:
             os.kill(pid, signal.SIGTERM)

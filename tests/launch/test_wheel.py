@@ -17,31 +17,13 @@ import zipfile
 
 import pytest
 
-from tests.launch.cluster import REPO
+from tests.launch.cluster import REPO, process_tree
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 pytestmark = pytest.mark.launch
 SETUPTOOLS = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
 MAPPED = SETUPTOOLS["package-dir"]  # package -> top-level folder of the repository, e.g. gptscale._launch -> launch
 SKIP = shutil.ignore_patterns("__pycache__", "*.pyc")
-
-
-def _tree(root: int) -> list[int]:
-    """`root` and every process below it (torchrun's ranks run in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        found.append(pid := todo.pop())
-        todo += children.get(pid, [])
-    return found
 
 
 def _run(args, timeout: float, **kwargs) -> subprocess.CompletedProcess:
@@ -51,7 +33,7 @@ def _run(args, timeout: float, **kwargs) -> subprocess.CompletedProcess:
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        for pid in _tree(proc.pid):
+        for pid in process_tree(proc.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
