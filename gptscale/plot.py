@@ -5,6 +5,8 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from gptscale.errors import DataError
 
 
@@ -36,22 +38,18 @@ def curves(records: list[dict]) -> tuple[str, list[tuple[float, float]], list[tu
     train = [r for r in records if _number(r.get("loss"))]
     val = [r for r in records if _number(r.get("val_loss"))]
     by_tokens = bool(train) and all(_number(r.get("tokens")) for r in train)
-    known = {0: 0.0}
-    if by_tokens:
-        known.update((r["step"], float(r["tokens"])) for r in train)
-    steps = sorted(known)
+    if not by_tokens:
+        x_of = float
+    else:
+        logged = {0: 0.0, **{r["step"]: float(r["tokens"]) for r in train}}
+        steps = sorted(logged)
+        last = steps[-1]
+        rate = logged[last] / last if last else 0.0  # tokens per step so far, for points past the last record
 
-    def x_of(step: float) -> float:
-        if not by_tokens:
-            return float(step)
-        if step in known:
-            return known[step]
-        later = [s for s in steps if s > step]
-        lo = max(s for s in steps if s < step) if step > 0 else 0
-        hi = later[0] if later else lo
-        if hi == lo:  # past the last logged step: its average rate
-            return known[lo] + (step - lo) * (known[lo] / lo if lo else 0.0)
-        return known[lo] + (step - lo) * (known[hi] - known[lo]) / (hi - lo)
+        def x_of(step: float) -> float:
+            if step > last:
+                return logged[last] + (step - last) * rate
+            return float(np.interp(step, steps, [logged[s] for s in steps]))
 
     return ("tokens" if by_tokens else "step", [(x_of(r["step"]), r["loss"]) for r in train],
             [(x_of(r["step"]), r["val_loss"]) for r in val])
