@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -232,26 +233,39 @@ def vs_bare_loop(overrides: list[str], reps: int, steps: int) -> dict:
     return {"seconds_per_step": seconds}
 
 
+@dataclass(frozen=True)
+class Comparison:
+    body: Callable[..., dict]  # runs on every rank; rank 0's result is kept
+    label: str  # what the ratio is
+    ratio: Callable[[dict, dict], float]  # (median tokens/s of each contender, the body's result) -> ratio
+    target: float
+    at_least: bool  # the ratio must reach the target (else stay at or under it)
+    shape: dict = field(default_factory=lambda: SHAPE)
+    one_rank: bool = False
+
+
+def _first_over_second(tokens: dict, result: dict) -> float:
+    a, b = tokens.values()
+    return a / b
+
+
+def _step_time_over_second(tokens: dict, result: dict) -> float:
+    a, b = tokens.values()
+    return b / a
+
+
+def _share_of_peak(tokens: dict, result: dict) -> float:
+    (rate,) = tokens.values()
+    return result["flops_per_token"] * rate / 1e12 / statistics.median(result["peak_tflops"])
+
+
 COMPARISONS = {
-    "transformers": ("gptscale / transformers", 1.2, ">="),
-    "ddp": ("ZeRO-3 step time / DDP step time", 1.3, "<="),
-    "gemm": ("model FLOP/s / measured GEMM peak", 0.5, ">="),
-    "trainer": ("gptscale train / bare engine loop", 0.9, ">="),
+    "transformers": Comparison(vs_transformers, "gptscale / transformers", _first_over_second, 1.2, True),
+    "ddp": Comparison(vs_ddp, "ZeRO-3 step time / DDP step time", _step_time_over_second, 1.3, False),
+    "gemm": Comparison(vs_gemm_peak, "model FLOP/s / measured GEMM peak", _share_of_peak, 0.5, True,
+                       shape={"preset": "gpt2-124m", "seq_len": 256, "micro_batch": 4}, one_rank=True),
+    "trainer": Comparison(vs_bare_loop, "gptscale train / bare engine loop", _first_over_second, 0.9, True),
 }
-
-
-def _summary(name: str, label: str, result: dict, tokens_per_step: int) -> dict:
-    medians = {k: statistics.median(v) for k, v in result["seconds_per_step"].items()}
-    tokens = {k: tokens_per_step / v for k, v in medians.items()}
-    a, b = list(tokens)[:2] if len(tokens) > 1 else (list(tokens)[0], None)
-    if name == "gemm":
-        achieved = result["flops_per_token"] * tokens[a] / 1e12
-        ratio = achieved / statistics.median(result["peak_tflops"])
-    elif name == "ddp":
-        ratio = medians[a] / medians[b]
-    else:
-        ratio = tokens[a] / tokens[b]
-    return {"label": label, "tokens_per_s": tokens, "ratio": ratio}
 
 
 def main() -> None:
@@ -270,25 +284,25 @@ def main() -> None:
     report = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "reps": args.reps, "steps_per_window": args.steps,
               "cpus": len(os.sched_getaffinity(0)), "dtype": "fp32", "comparisons": {}}
     for name in args.only.split(","):
-        label, target, sense = COMPARISONS[name]
-        shape = {"preset": "gpt2-124m", "seq_len": 256, "micro_batch": 4} if name == "gemm" else SHAPE
-        ranks = 1 if name == "gemm" else args.ranks
+        c = COMPARISONS[name]
+        ranks = 1 if c.one_rank else args.ranks
+        sense = ">=" if c.at_least else "<="
         for family in (args.families.split(",") if name == "transformers" else ("gpt2",)):
+            started = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="gptscale-bench-") as out_dir:
-                overrides = _overrides(family, shape, out_dir, args.set)
-                body = {"transformers": vs_transformers, "ddp": vs_ddp, "gemm": vs_gemm_peak,
-                        "trainer": vs_bare_loop}[name]
-                started = time.perf_counter()
-                result = run_ranks(body, ranks, overrides, args.reps, args.steps, timeout=3600, env=env)[0]
-            tokens_per_step = shape["seq_len"] * shape["micro_batch"] * ranks
-            summary = _summary(name, label, result, tokens_per_step)
-            ok = summary["ratio"] >= target if sense == ">=" else summary["ratio"] <= target
+                overrides = _overrides(family, c.shape, out_dir, args.set)
+                result = run_ranks(c.body, ranks, overrides, args.reps, args.steps, timeout=3600, env=env)[0]
+            tokens_per_step = c.shape["seq_len"] * c.shape["micro_batch"] * ranks
+            tokens = {k: tokens_per_step / statistics.median(v) for k, v in result["seconds_per_step"].items()}
+            ratio = c.ratio(tokens, result)
+            ok = ratio >= c.target if c.at_least else ratio <= c.target
             key = f"{name}/{family}" if name == "transformers" else name
-            report["comparisons"][key] = {**summary, "target": f"{sense} {target}", "met": ok, "ranks": ranks,
-                                          "family": family, "shape": shape, "tokens_per_step": tokens_per_step,
+            report["comparisons"][key] = {"label": c.label, "tokens_per_s": tokens, "ratio": ratio,
+                                          "target": f"{sense} {c.target}", "met": ok, "ranks": ranks,
+                                          "family": family, "shape": c.shape, "tokens_per_step": tokens_per_step,
                                           "wall_s": round(time.perf_counter() - started, 1), **result}
-            rates = "  ".join(f"{k} {v:,.0f} tok/s" for k, v in summary["tokens_per_s"].items())
-            print(f"{key:<20} {rates}  ->  {label} = {summary['ratio']:.3f} (target {sense} {target}: "
+            rates = "  ".join(f"{k} {v:,.0f} tok/s" for k, v in tokens.items())
+            print(f"{key:<20} {rates}  ->  {c.label} = {ratio:.3f} (target {sense} {c.target}: "
                   f"{'met' if ok else 'NOT met'})", flush=True)
     Path(args.json).write_text(json.dumps(report, indent=1, default=str))
     print(f"shape {SHAPE} (gemm: gpt2-124m, seq 256, micro-batch 4, 1 rank), fp32, {args.reps} alternating "
