@@ -248,19 +248,25 @@ class WholeModelRuntime(Runtime):
     every rank (no backward, no step) and another one is taken in its place."""
 
     def train_step(self, batches, step, nonfinite) -> float:
-        losses = []
+        # Host synchronisations: one per micro-batch (the agreement below, which the skip needs
+        # before backward), none after backward or the step, none for the step's mean: the
+        # agreement's all-reduce carries the loss summed over the ranks as well.
+        loss_sums = []
         micro, num_valid_tokens = self.step_batches(batches)
-        while len(losses) < self.cfg.train.grad_accum:
+        while len(loss_sums) < self.cfg.train.grad_accum:
             # A skipped micro-batch's stand-in comes from the stream (its tokens were not counted).
             input_ids, labels = self.on_device(micro.pop(0) if micro else next(batches))
             loss = self.engine(input_ids, labels=labels, num_valid_tokens=num_valid_tokens)
-            if not finite_everywhere(loss):
+            nonfinite_ranks, loss_sum = agree_on_loss(loss)
+            if nonfinite_ranks:
                 nonfinite.nonfinite(step + 1, "micro-batches")
                 continue  # skipped on every rank: no backward, no step
             self.engine.backward(loss)
             self.engine.step()
-            losses.append(loss.item())
-        return dp_mean(sum(losses) / len(losses), self.topo)
+            loss_sums.append(loss_sum)
+        # Every rank holds its DP replica's loss (TP ranks hold equal copies): the sum over the
+        # world / its size is the mean over the DP replicas.
+        return sum(loss_sums) / (len(loss_sums) * self.topo.layout.world_size)
 
     @torch.no_grad()
     def evaluate(self, batches) -> float:
@@ -268,9 +274,10 @@ class WholeModelRuntime(Runtime):
         losses, divisor = [], self.eval_divisor(batches)
         for batch in batches:
             input_ids, labels = self.on_device(batch)
-            losses.append(self.engine(input_ids, labels=labels, num_valid_tokens=divisor).item())
+            losses.append(self.engine(input_ids, labels=labels, num_valid_tokens=divisor).detach())
         self.engine.train()
-        return dp_mean(sum(losses) / len(losses), self.topo)
+        # One host synchronisation for all the batches: their losses stay on the device until here.
+        return dp_mean(torch.stack(losses).double().mean(), self.topo)
 
     def canonical_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self.engine.module.named_parameters())
@@ -302,15 +309,20 @@ def labelled_tokens(batches: list[Batch]) -> int:
     return sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
 
 
-def dp_mean(value: float, topo: Topology) -> float:
+def dp_mean(value: float | torch.Tensor, topo: Topology) -> float:
     """The mean of `value` over the data-parallel replicas (fp64, so the order of ranks hardly matters)."""
-    t = torch.tensor([value], dtype=torch.float64, device=comm_device())
+    t = torch.as_tensor(value, dtype=torch.float64).reshape(1).to(comm_device())
     dist.all_reduce(t, group=topo.get_data_parallel_group())
     return t.item() / topo.layout.dp
 
 
-def finite_everywhere(loss: torch.Tensor) -> bool:
-    """True when `loss` is finite on every rank (all ranks learn the same answer)."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=comm_device())
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return bad.item() == 0.0
+def agree_on_loss(loss: torch.Tensor) -> tuple[int, float]:
+    """(how many ranks' `loss` is not finite, the sum of the finite losses over all ranks), from
+    one all-reduce and one host synchronisation: every rank learns whether to skip the
+    micro-batch, and the step's mean needs no collective of its own."""
+    finite = torch.isfinite(loss.detach())
+    pair = torch.stack([(~finite).double(), torch.where(finite, loss.detach(), 0.0).double()])
+    pair = pair.to(comm_device())
+    dist.all_reduce(pair)
+    nonfinite_ranks, loss_sum = pair.tolist()
+    return int(nonfinite_ranks), loss_sum
