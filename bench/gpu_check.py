@@ -396,10 +396,11 @@ def optional_rows(plan: Plan, tmp: Path, bare_rates: dict) -> None:
     out.write_text(json.dumps(profiles, indent=1))
     print(f"profiles written to {out}", flush=True)
     variants = [
-        # At one rank ZeRO-3 partitions nothing, yet gathers every block before its forward and
-        # backward (an allocation and a copy each). Every parameter persistent removes the gathers
-        # (the review's variant F); on the CPU it measured 1.02x at one rank, so the zero3
-        # template keeps its threshold until this row shows a GPU gain.
+        # At one rank ZeRO-3 partitions nothing: its "gather" points each parameter at its
+        # partition (DeepSpeed's NoGatherHandle, no copy), but the fetch and release bookkeeping
+        # still runs per block, forward and backward. Every parameter persistent skips it (the
+        # review's variant F); on the CPU it measured 1.02x at one rank, so the zero3 template
+        # keeps its threshold until this row shows a GPU gain.
         ("every parameter ZeRO-3-persistent (no gathers)", (f"train.ds_config={persistent_template(tmp)}",)),
         # An unknown model.compile (the flag is new) fails config loading: a FAILED row with its message.
         ("--set model.compile=true", ("model.compile=true",)),
