@@ -60,6 +60,8 @@ class ModelConfig:
     vocab_pad_multiple: int = 64
     # none | selective | full (RECOMPUTE above); true/false, the older spelling, mean full/none.
     activation_checkpointing: str | bool = "none"
+    # torch.compile each block's computation (gptscale/model/compile.py); KV-cache decoding stays eager.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -82,7 +84,7 @@ class ModelConfig:
     def training_only_fields() -> tuple[str, ...]:
         """Fields that change how the model trains, not what its weights are: a run may resume
         with other values."""
-        return ("dropout", "activation_checkpointing", "init_std")
+        return ("dropout", "activation_checkpointing", "init_std", "compile")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
@@ -429,6 +431,23 @@ class RunConfig:
         if self.parallel.pp > self.model.n_layer:
             raise ConfigError(f"parallel.pp={self.parallel.pp} exceeds model.n_layer={self.model.n_layer}: every "
                               f"pipeline stage needs at least one block; use parallel.pp <= {self.model.n_layer}")
+        self._check_compile()
+
+    def _check_compile(self) -> None:
+        """model.compile compiles a block's computation between DeepSpeed's hooks: under ZeRO-3
+        only where each block is one leaf module (gathered by hooks on the block, not its layers)."""
+        if not self.model.compile:
+            return
+        spec = modes.resolve(self.parallel.mode, self.parallel.pp)
+        if not spec.compiles_blocks:
+            raise ConfigError(f"model.compile=true cannot be used with parallel.mode={spec.name}: its blocks are not "
+                              f"ZeRO-3 leaf modules, so DeepSpeed's per-layer gather hooks would split every compiled "
+                              f"block into pieces; use another parallel.mode, or model.compile=false")
+        if 3 in spec.zero_stages and self.lora is not None:
+            raise ConfigError(f"model.compile=true cannot be used with finetune.method=lora under "
+                              f"parallel.mode={spec.name}: ZeRO-3 LoRA runs gather parameters per layer, not per "
+                              f"block, so DeepSpeed's hooks would split every compiled block into pieces; use a "
+                              f"pipeline mode without ZeRO-3, or model.compile=false")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -40,6 +40,9 @@ class ModeSpec:
     zero_stages: tuple[int, ...]  # ZeRO stages this mode's engine runs
     zero_stages_refusal: str  # the rest of the error for another stage ("{pp}": parallel.pp)
     interleaves: bool = False  # runs parallel.virtual_stages > 1 (interleaved 1F1B)
+    # model.compile: DeepSpeed's hooks sit around whole blocks (ZeRO-3 leaf modules, or no ZeRO-3
+    # hooks at all), so each block's computation compiles as one graph (gptscale/model/compile.py).
+    compiles_blocks: bool = True
 
 
 _MODES: dict[str, ModeSpec] = {}
@@ -70,7 +73,8 @@ register(ModeSpec(
     "pipe_zero3", "TP x PP x DP, each pipeline stage ZeRO-3-sharded over its DP group (gptscale's 1F1B)",
     runtime="gptscale.runtime.pipe_zero3.runtime:PipeZero3Runtime",
     checkpoint_files=CheckpointFiles.ZERO_ENGINE_PER_STAGE, pipeline=True, interleaves=True,
-    default_template="zero3", zero_stages=(3,), zero_stages_refusal=_ZERO3_REFUSAL))
+    default_template="zero3", zero_stages=(3,), zero_stages_refusal=_ZERO3_REFUSAL,
+    compiles_blocks=False))  # its PipeBlocks are not the template's leaf class: DeepSpeed hooks every layer
 
 # What `parallel.mode: auto` becomes: no pipeline stages -> the first, else the second.
 _AUTO_CHOICE = ("zero3", "pipe")

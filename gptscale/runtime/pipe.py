@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from gptscale.model.compile import compile_blocks
 from gptscale.model.loss import lm_loss
 from gptscale.model.stages import StageLayer, describe_stages, stage_bounds, stage_layers
 from gptscale.parallel.topology import Topology
@@ -49,6 +50,7 @@ class PipeRuntime(Runtime):
         seed_all(cfg.train.seed)  # every stage builds its layers from the same seed
         self.loss = StepLoss(topo.tp_group)
         self.module = build_pipeline_module(self.layers, self.bounds, topo, self.loss)
+        compile_blocks(self.module, cfg.model)
         self.add_adapters(self._stage_layers())
         engine = self.initialize_engine(self.module, self.canonical_parameters())
         self.timer = StageTimer(engine)

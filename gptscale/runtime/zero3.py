@@ -6,6 +6,7 @@ only. Steps, evaluation and sampling are those of any whole-model engine (runtim
 """
 from __future__ import annotations
 
+from gptscale.model.compile import compile_blocks
 from gptscale.model.gpt import GPT
 from gptscale.runtime.base import WholeModelRuntime, seed_all
 
@@ -22,5 +23,6 @@ class Zero3Runtime(WholeModelRuntime):
         with ds.zero.Init(config_dict_or_path=self.ctx.ds_config, mpu=topo,
                           data_parallel_group=topo.get_data_parallel_group()):
             model = GPT(cfg.model, topo.tp_group)
+        compile_blocks(model, cfg.model)
         self.add_adapters([("", model)])  # partitioned when the engine is built
         return self.initialize_engine(model, dict(model.named_parameters()), mpu=topo)

@@ -55,6 +55,12 @@ def test_load_yaml_with_preset_and_overrides(tmp_path):
      "train.grad_accum=3 is not a multiple of parallel.pp=2"),
     (["model.activation_checkpointing=attention"], "model.activation_checkpointing='attention' is unknown; choose "
                                                    "one of none, selective, full"),
+    (["model.compile=yes please"], "model.compile='yes please' has type str; expected bool"),
+    (["model.compile=1"], "model.compile=1 has type int; expected bool"),
+    (["model.compile=true", "parallel.mode=pipe_zero3", "parallel.pp=2"],
+     "model.compile=true cannot be used with parallel.mode=pipe_zero3: its blocks are not ZeRO-3 leaf modules"),
+    (["model.compile=true", "finetune.method=lora"],
+     "model.compile=true cannot be used with finetune.method=lora under parallel.mode=zero3: ZeRO-3 LoRA"),
 ])
 def test_bad_input_gets_one_clear_error(overrides, message):
     with pytest.raises(ConfigError) as err:

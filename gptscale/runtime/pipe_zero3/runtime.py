@@ -37,6 +37,7 @@ import torch.nn as nn
 
 from gptscale.model.loss import lm_loss
 from gptscale.errors import ConfigError
+from gptscale.model.compile import compile_blocks
 from gptscale.model.stages import StageModule, chunk_ranges, describe_stages, stage_bounds, stage_layers, tied_stages
 from gptscale.parallel.primitives import comm_device
 from gptscale.runtime.base import Runtime, seed_all
@@ -83,6 +84,7 @@ class PipeZero3Runtime(Runtime):
         with ds.zero.Init(config_dict_or_path=self.ctx.ds_config, mpu=mpu,
                           data_parallel_group=topo.get_data_parallel_group()):
             self.module = StageModule(layers, ranges[self.stage])
+        compile_blocks(self.module, cfg.model)
         # key -> (the other stage's rank with this rank's TP and DP coordinates, this stage's copy)
         self.tied = {key: (topo.pipe_peer(next(s for s in stages if s != self.stage)), self.module.tied_modules()[key])
                      for key, stages in tied_stages(layers, ranges).items() if self.stage in stages and len(stages) > 1}
