@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gptscale.config import ModelConfig
-from gptscale.model.loss import lm_loss
+from gptscale.model.loss import labelled_mean
 from gptscale.parallel.layers import (ColumnParallelLinear, LayerNorm, RMSNorm, RowParallelLinear,
                                       VocabParallelEmbedding, VocabParallelHead, mask_vocab_padding,
                                       replicated_on_slice, sequence_parallel_off)
@@ -81,6 +81,15 @@ def vocab_logits(projection: nn.Module, x: torch.Tensor, vocab_size: int, tp: TP
     else:
         logits = projection(x)
     return mask_vocab_padding(logits, vocab_size, tp)
+
+
+def vocab_token_losses(projection: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Hidden states -> per-token cross-entropy (B, T) of the logits `vocab_logits` would give,
+    0 at IGNORE_INDEX, computed chunk by chunk inside `projection`'s forward (ZeRO-3 gathers
+    its weight there) without the whole batch's logits ever existing."""
+    if isinstance(projection, VocabParallelEmbedding):
+        return projection(unembed=x, targets=labels)
+    return projection(x, targets=labels)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -215,8 +224,9 @@ class GPT(nn.Module):
     """Decoder-only transformer. `tp` is this rank's tensor-parallel group (single by default).
 
     forward(ids) -> this rank's vocabulary slice of the logits, (B, T, V_pad / tp);
-    forward(ids, labels) -> mean cross-entropy over the labelled tokens (`lm_loss`; with
-    `num_valid_tokens`, the sum over them divided by that global count).
+    forward(ids, labels) -> mean cross-entropy over the labelled tokens (`lm_loss`'s value; with
+    `num_valid_tokens`, the sum over them divided by that global count), computed fused with
+    the output projection, so the logits of the whole batch never exist (`vocab_token_losses`).
     Dropout note: ranks of one TP group must share the RNG seed so that dropout on the
     replicated residual stream agrees; the trainer seeds them so.
     """
@@ -258,14 +268,17 @@ class GPT(nn.Module):
             x = block(x, rope, cache, layer)
         if cache is not None:
             cache.length += T
-        logits = self.output_logits(self.norm_f(x))  # (B, T, V_pad / tp)
+        x = self.norm_f(x)
         if labels is None:
-            return logits
-        return lm_loss(logits, labels, self.tp, num_valid_tokens)
+            return self.output_logits(x)  # (B, T, V_pad / tp)
+        return labelled_mean(vocab_token_losses(self.output_projection, x, labels), labels, num_valid_tokens)
+
+    @property
+    def output_projection(self) -> nn.Module:
+        return self.head if self.head is not None else self.embed  # tied: the embedding matrix
 
     def output_logits(self, x: torch.Tensor) -> torch.Tensor:
-        # Tied: the embedding matrix is the output projection.
-        return vocab_logits(self.head if self.head is not None else self.embed, x, self.cfg.vocab_size, self.tp)
+        return vocab_logits(self.output_projection, x, self.cfg.vocab_size, self.tp)
 
     def full_logits(self, local_logits: torch.Tensor) -> torch.Tensor:
         """Gather this rank's vocabulary slice into logits over the real vocabulary."""

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptscale.parallel.linear_cross_entropy import linear_cross_entropy
 from gptscale.parallel.primitives import (all_reduce_no_grad, copy_to_tp, gather_from_tp, gather_sequence, reduce_from_tp,
                                           reduce_scatter_sequence, scatter_to_tp)
 from gptscale.parallel.topology import TPGroup
@@ -198,14 +199,19 @@ class VocabParallelEmbedding(nn.Module):
         _init_normal(self.weight, init_std)
         _zero_padding_rows(self.weight, vocab_size, self.vocab_start)
 
-    def forward(self, ids: torch.Tensor | None = None, *, unembed: torch.Tensor | None = None) -> torch.Tensor:
-        """ids -> embeddings; or, with `unembed=hidden`, this rank's slice of the tied output logits.
+    def forward(self, ids: torch.Tensor | None = None, *, unembed: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """ids -> embeddings; or, with `unembed=hidden`, this rank's slice of the tied output
+        logits; or, with `unembed=hidden, targets=labels`, the per-token cross-entropy of those
+        logits without materialising them (`output_loss`).
 
         The tied output projection runs inside this forward on purpose: ZeRO-3 gathers a
         module's partitioned parameters only while that module's forward runs.
         """
         if unembed is not None:
             x = gather_sequence(unembed, self.tp) if self.sequence_parallel else copy_to_tp(unembed, self.tp)
+            if targets is not None:
+                return output_loss(x, self.weight, targets, self.vocab_size, self.tp)  # (B, T)
             return F.linear(x, self.weight)  # (..., V_pad / tp)
         if self.tp.size == 1:
             return F.embedding(ids, self.weight)
@@ -224,7 +230,23 @@ class VocabParallelHead(ColumnParallelLinear):
 
     def __init__(self, dim: int, vocab_size: int, padded_vocab: int, tp: TPGroup, *, init_std: float = 0.02):
         super().__init__(dim, padded_vocab, tp, bias=False, gather_output=False, init_std=init_std)
+        self.vocab_size = vocab_size
         _zero_padding_rows(self.weight, vocab_size, tp.rank * self.weight.shape[0])
+
+    def forward(self, x: torch.Tensor, entered: bool = False, *, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's slice of the logits (..., V_pad / tp); with `targets`, the per-token
+        cross-entropy of those logits without materialising them (`output_loss`), here inside
+        the head's forward so that ZeRO-3 has gathered its weight."""
+        if targets is None:
+            return super().forward(x, entered)
+        return output_loss(x if entered else self.region_input(x), self.weight, targets, self.vocab_size, self.tp)
+
+
+def output_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                tp: TPGroup) -> torch.Tensor:
+    """Per-token cross-entropy (0 at IGNORE_INDEX) of the logits x @ weight^T over the real
+    vocabulary, computed in chunks (parallel/linear_cross_entropy.py); x: the TP region's input."""
+    return linear_cross_entropy(x, weight, targets, tp, vocab_size=vocab_size, ignore_index=IGNORE_INDEX)
 
 
 def mask_vocab_padding(local_logits: torch.Tensor, vocab_size: int, tp: TPGroup) -> torch.Tensor:
@@ -274,6 +296,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         grad.scatter_add_(-1, safe_targets.unsqueeze(-1), -mine.to(grad.dtype).unsqueeze(-1))
         grad.mul_((grad_loss * valid).unsqueeze(-1))
         return grad.to(ctx.input_dtype), None, None, None
+
+
+def logits_loss(local_logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, tp: TPGroup) -> torch.Tensor:
+    """Per-token cross-entropy (0 at IGNORE_INDEX) from materialised logits (..., V_pad / tp),
+    padding masked: for a projection the fused `output_loss` cannot express (a LoRA head)."""
+    return vocab_parallel_cross_entropy(mask_vocab_padding(local_logits, vocab_size, tp), targets, tp)
 
 
 def vocab_parallel_cross_entropy(local_logits: torch.Tensor, targets: torch.Tensor, tp: TPGroup,

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from gptscale.config import LoRAConfig
 from gptscale.errors import ConfigError
-from gptscale.parallel.layers import (ColumnParallelLinear, RowParallelLinear, Split, VocabParallelHead,
+from gptscale.parallel.layers import (ColumnParallelLinear, RowParallelLinear, Split, VocabParallelHead, logits_loss,
                                       mark_split)
 from gptscale.parallel.primitives import copy_to_tp, gather_from_tp, scatter_to_tp
 
@@ -113,7 +113,11 @@ class LoRAColumnParallelLinear(_LoRA, ColumnParallelLinear):
 
 
 class LoRAVocabParallelHead(LoRAColumnParallelLinear, VocabParallelHead):
-    pass
+    def forward(self, x: torch.Tensor, entered: bool = False, *, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """The adapted logits; with `targets`, their per-token loss computed from them: the
+        fused chunked loss takes one weight, and W x + s B (A dropout(x)) is not one."""
+        logits = super().forward(x, entered)
+        return logits if targets is None else logits_loss(logits, targets, self.vocab_size, self.tp)
 
 
 class LoRARowParallelLinear(_LoRA, RowParallelLinear):
