@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gptscale.config import ModelConfig
-from gptscale.model.loss import labelled_mean
+from gptscale.model.loss import normalise_loss_sum
 from gptscale.parallel.layers import (ColumnParallelLinear, LayerNorm, RMSNorm, RowParallelLinear,
                                       VocabParallelEmbedding, VocabParallelHead, mask_vocab_padding,
                                       replicated_on_slice, sequence_parallel_off)
@@ -83,10 +83,10 @@ def vocab_logits(projection: nn.Module, x: torch.Tensor, vocab_size: int, tp: TP
     return mask_vocab_padding(logits, vocab_size, tp)
 
 
-def vocab_token_losses(projection: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Hidden states -> per-token cross-entropy (B, T) of the logits `vocab_logits` would give,
-    0 at IGNORE_INDEX, computed chunk by chunk inside `projection`'s forward (ZeRO-3 gathers
-    its weight there) without the whole batch's logits ever existing."""
+def vocab_loss_sum(projection: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Hidden states -> the cross-entropy of the logits `vocab_logits` would give, summed over
+    the labelled tokens (0-dim), computed chunk by chunk inside `projection`'s forward (ZeRO-3
+    gathers its weight there) without the whole batch's logits ever existing."""
     if isinstance(projection, VocabParallelEmbedding):
         return projection(unembed=x, targets=labels)
     return projection(x, targets=labels)
@@ -226,7 +226,7 @@ class GPT(nn.Module):
     forward(ids) -> this rank's vocabulary slice of the logits, (B, T, V_pad / tp);
     forward(ids, labels) -> mean cross-entropy over the labelled tokens (`lm_loss`'s value; with
     `num_valid_tokens`, the sum over them divided by that global count), computed fused with
-    the output projection, so the logits of the whole batch never exist (`vocab_token_losses`).
+    the output projection, so the logits of the whole batch never exist (`vocab_loss_sum`).
     Dropout note: ranks of one TP group must share the RNG seed so that dropout on the
     replicated residual stream agrees; the trainer seeds them so.
     """
@@ -271,7 +271,7 @@ class GPT(nn.Module):
         x = self.norm_f(x)
         if labels is None:
             return self.output_logits(x)  # (B, T, V_pad / tp)
-        return labelled_mean(vocab_token_losses(self.output_projection, x, labels), labels, num_valid_tokens)
+        return normalise_loss_sum(vocab_loss_sum(self.output_projection, x, labels), labels, num_valid_tokens)
 
     @property
     def output_projection(self) -> nn.Module:

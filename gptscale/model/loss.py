@@ -2,9 +2,9 @@
 
 Cross-entropy over the tokens whose label is not IGNORE_INDEX (prompt tokens in SFT,
 padding), computed on this rank's vocabulary slice (`vocab_parallel_cross_entropy`), in fp32.
-`GPT.forward` computes the per-token losses fused with the output projection instead, in
-chunks that never hold the whole batch's logits, and normalises them with `labelled_mean`;
-the pipeline modes' last stage returns logits and calls `lm_loss`.
+`GPT.forward` computes the summed loss fused with the output projection instead, in chunks
+that never hold the whole batch's logits, and normalises it with `normalise_loss_sum`; the
+pipeline modes' last stage returns logits and calls `lm_loss`.
 
 Normalisation. Without `num_valid_tokens` the loss is the mean over this micro-batch's
 labelled tokens, as pretraining has always used: every micro-batch carries the same number
@@ -33,13 +33,13 @@ def lm_loss(local_logits: torch.Tensor, labels: torch.Tensor, tp: TPGroup,
     local_logits: (B, T, V_pad / tp) this rank's vocabulary slice; labels: (B, T) token ids.
     """
     per_token = vocab_parallel_cross_entropy(local_logits, labels, tp, ignore_index=IGNORE_INDEX)  # (B, T)
-    return labelled_mean(per_token, labels, num_valid_tokens)
+    return normalise_loss_sum(per_token.sum(), labels, num_valid_tokens)
 
 
-def labelled_mean(per_token: torch.Tensor, labels: torch.Tensor,
-                  num_valid_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
-    """`lm_loss` from per-token losses (0 at IGNORE_INDEX), however they were computed: the
-    model's fused head + loss (`output_loss`) gives them without materialising the logits."""
+def normalise_loss_sum(loss_sum: torch.Tensor, labels: torch.Tensor,
+                       num_valid_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+    """`lm_loss` from the loss summed over the labelled tokens, however it was computed: the
+    model's fused head + loss (`output_loss`) gives it without materialising the logits."""
     if num_valid_tokens is None:
         num_valid_tokens = (labels != IGNORE_INDEX).sum().clamp(min=1)
-    return per_token.sum() / num_valid_tokens
+    return loss_sum / num_valid_tokens

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptscale.parallel.linear_cross_entropy import linear_cross_entropy
+from gptscale.parallel.linear_cross_entropy import linear_cross_entropy_sum
 from gptscale.parallel.primitives import (all_reduce_no_grad, copy_to_tp, gather_from_tp, gather_sequence, reduce_from_tp,
                                           reduce_scatter_sequence, scatter_to_tp)
 from gptscale.parallel.topology import TPGroup
@@ -202,8 +202,8 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor | None = None, *, unembed: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None) -> torch.Tensor:
         """ids -> embeddings; or, with `unembed=hidden`, this rank's slice of the tied output
-        logits; or, with `unembed=hidden, targets=labels`, the per-token cross-entropy of those
-        logits without materialising them (`output_loss`).
+        logits; or, with `unembed=hidden, targets=labels`, the cross-entropy of those logits
+        summed over the labelled tokens, without materialising them (`output_loss`).
 
         The tied output projection runs inside this forward on purpose: ZeRO-3 gathers a
         module's partitioned parameters only while that module's forward runs.
@@ -211,7 +211,7 @@ class VocabParallelEmbedding(nn.Module):
         if unembed is not None:
             x = gather_sequence(unembed, self.tp) if self.sequence_parallel else copy_to_tp(unembed, self.tp)
             if targets is not None:
-                return output_loss(x, self.weight, targets, self.vocab_size, self.tp)  # (B, T)
+                return output_loss(x, self.weight, targets, self.vocab_size, self.tp)  # 0-dim
             return F.linear(x, self.weight)  # (..., V_pad / tp)
         if self.tp.size == 1:
             return F.embedding(ids, self.weight)
@@ -234,9 +234,9 @@ class VocabParallelHead(ColumnParallelLinear):
         _zero_padding_rows(self.weight, vocab_size, tp.rank * self.weight.shape[0])
 
     def forward(self, x: torch.Tensor, entered: bool = False, *, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """This rank's slice of the logits (..., V_pad / tp); with `targets`, the per-token
-        cross-entropy of those logits without materialising them (`output_loss`), here inside
-        the head's forward so that ZeRO-3 has gathered its weight."""
+        """This rank's slice of the logits (..., V_pad / tp); with `targets`, the cross-entropy
+        of those logits summed over the labelled tokens, without materialising them
+        (`output_loss`), here inside the head's forward so that ZeRO-3 has gathered its weight."""
         if targets is None:
             return super().forward(x, entered)
         return output_loss(x if entered else self.region_input(x), self.weight, targets, self.vocab_size, self.tp)
@@ -244,9 +244,10 @@ class VocabParallelHead(ColumnParallelLinear):
 
 def output_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                 tp: TPGroup) -> torch.Tensor:
-    """Per-token cross-entropy (0 at IGNORE_INDEX) of the logits x @ weight^T over the real
-    vocabulary, computed in chunks (parallel/linear_cross_entropy.py); x: the TP region's input."""
-    return linear_cross_entropy(x, weight, targets, tp, vocab_size=vocab_size, ignore_index=IGNORE_INDEX)
+    """Cross-entropy of the logits x @ weight^T over the real vocabulary, summed over the tokens
+    whose target is not IGNORE_INDEX, computed in chunks (parallel/linear_cross_entropy.py);
+    x: the TP region's input."""
+    return linear_cross_entropy_sum(x, weight, targets, tp, vocab_size=vocab_size, ignore_index=IGNORE_INDEX)
 
 
 def mask_vocab_padding(local_logits: torch.Tensor, vocab_size: int, tp: TPGroup) -> torch.Tensor:

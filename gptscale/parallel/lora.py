@@ -114,10 +114,11 @@ class LoRAColumnParallelLinear(_LoRA, ColumnParallelLinear):
 
 class LoRAVocabParallelHead(LoRAColumnParallelLinear, VocabParallelHead):
     def forward(self, x: torch.Tensor, entered: bool = False, *, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """The adapted logits; with `targets`, their per-token loss computed from them: the
-        fused chunked loss takes one weight, and W x + s B (A dropout(x)) is not one."""
+        """The adapted logits; with `targets`, their loss summed over the labelled tokens,
+        computed from them: the fused chunked loss takes one weight, and W x + s B (A dropout(x))
+        is not one."""
         logits = super().forward(x, entered)
-        return logits if targets is None else logits_loss(logits, targets, self.vocab_size, self.tp)
+        return logits if targets is None else logits_loss(logits, targets, self.vocab_size, self.tp).sum()
 
 
 class LoRARowParallelLinear(_LoRA, RowParallelLinear):
