@@ -151,7 +151,7 @@ class PipeZero3Runtime(Runtime):
     def train_step(self, batches, step, nonfinite) -> float:
         m, v = self.cfg.train.grad_accum, self.virtual
         inflight: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (micro, chunk) -> (input, output)
-        losses: list[float] = []
+        losses: list[torch.Tensor] = []  # the last stage's, on the device until the step's end
         self.backwards_done = 0
         micro, self.num_valid_tokens = self.step_batches(batches)
         if v > 1:
@@ -183,7 +183,7 @@ class PipeZero3Runtime(Runtime):
         """To the next chunk: the next stage's, or from the last stage stage 0's next one."""
         self.p2p.send(out, self.p2p.next, activation_tag(chunk + (1 if self.is_last else 0)))
 
-    def _forward(self, op, batch, inflight: dict, losses: list[float]) -> None:
+    def _forward(self, op, batch, inflight: dict, losses: list[torch.Tensor]) -> None:
         input_ids, labels = self.on_device(batch)
         x = self._chunk_input(input_ids, op.chunk)
         started = self.timer.begin()  # waiting for the input was idle time
@@ -192,7 +192,7 @@ class PipeZero3Runtime(Runtime):
         out = self.engine(x, chunk=op.chunk)
         if self._feeds_loss(op.chunk):
             out = lm_loss(out, labels, self.topo.tp_group, self.num_valid_tokens)
-            losses.append(out.item())
+            losses.append(out.detach())  # no host synchronisation before the backward is queued
         self.timer.end(started)
         inflight[(op.micro, op.chunk)] = (x, out)
         if not self._feeds_loss(op.chunk):
@@ -228,9 +228,12 @@ class PipeZero3Runtime(Runtime):
             return keep_gathered(list(self.engine.module.parameters()), self.ctx.deepspeed)
         return contextlib.nullcontext()
 
-    def _mean_from_last_stage(self, losses: list[float]) -> float:
-        """The mean loss over micro-batches and DP replicas, from the last stage to every rank."""
-        value = torch.tensor([sum(losses) / len(losses) if losses else 0.0], dtype=torch.float64, device=comm_device())
+    def _mean_from_last_stage(self, losses: list[torch.Tensor]) -> float:
+        """The mean loss over micro-batches and DP replicas, from the last stage to every rank
+        (the one host synchronisation for the step's losses)."""
+        value = torch.zeros(1, dtype=torch.float64, device=comm_device())
+        if losses:
+            value += torch.stack(losses).double().mean().to(value.device)
         if self.is_last:
             dist.all_reduce(value, group=self.topo.get_data_parallel_group())
             value /= self.topo.layout.dp
@@ -246,7 +249,7 @@ class PipeZero3Runtime(Runtime):
             for chunk in range(self.virtual):
                 out = self.engine(self._chunk_input(input_ids, chunk), chunk=chunk)
                 if self._feeds_loss(chunk):
-                    losses.append(lm_loss(out, labels, self.topo.tp_group, divisor).item())
+                    losses.append(lm_loss(out, labels, self.topo.tp_group, divisor).detach())
                 else:
                     self._send_output(out, chunk)
         self.p2p.wait_sends()
