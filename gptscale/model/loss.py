@@ -3,8 +3,9 @@
 Cross-entropy over the tokens whose label is not IGNORE_INDEX (prompt tokens in SFT,
 padding), computed on this rank's vocabulary slice (`vocab_parallel_cross_entropy`), in fp32.
 `GPT.forward` computes the summed loss fused with the output projection instead, in chunks
-that never hold the whole batch's logits, and normalises it with `normalise_loss_sum`; the
-pipeline modes' last stage returns logits and calls `lm_loss`.
+that never hold the whole batch's logits, and normalises it with `normalise_loss_sum`, and so
+does pipe_zero3's last stage; the pipe mode's last stage returns logits to DeepSpeed's
+PipelineEngine, whose loss function is `lm_loss`.
 
 Normalisation. Without `num_valid_tokens` the loss is the mean over this micro-batch's
 labelled tokens, as pretraining has always used: every micro-batch carries the same number

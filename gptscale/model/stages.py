@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from gptscale.config import ModelConfig
-from gptscale.model.gpt import Block, RotaryEmbedding, add_positions, make_norm, vocab_logits
+from gptscale.model.gpt import Block, RotaryEmbedding, add_positions, make_norm, vocab_logits, vocab_loss_sum
 from gptscale.parallel.layers import VocabParallelEmbedding, VocabParallelHead
 from gptscale.parallel.topology import TPGroup
 
@@ -44,8 +44,11 @@ class TokenEmbedding(nn.Module):
         return self.embed(input_ids)  # (B, T, d)
 
 
-def unembed(module: TokenEmbedding, x: torch.Tensor) -> torch.Tensor:
-    """The tied output projection on the last stage: this rank's vocabulary slice of the logits."""
+def unembed(module: TokenEmbedding, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """The tied output projection on the last stage: this rank's vocabulary slice of the logits;
+    with `targets`, the loss summed over the labelled tokens, fused (`vocab_loss_sum`)."""
+    if targets is not None:
+        return vocab_loss_sum(module.embed, x, targets)
     return vocab_logits(module.embed, x, module.cfg.vocab_size, module.tp)  # (B, T, V_pad / tp)
 
 
@@ -88,7 +91,8 @@ class FinalNorm(nn.Module):
 
 
 class OutputHead(nn.Module):
-    """The untied output projection: this rank's vocabulary slice of the logits."""
+    """The untied output projection: this rank's vocabulary slice of the logits; with
+    `targets`, the loss summed over the labelled tokens, fused (`vocab_loss_sum`)."""
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup):
         super().__init__()
@@ -96,7 +100,9 @@ class OutputHead(nn.Module):
         self.head = VocabParallelHead(cfg.n_embd, cfg.vocab_size, cfg.padded_vocab_size(tp.size), tp,
                                       init_std=cfg.init_std)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is not None:
+            return vocab_loss_sum(self.head, x, targets)
         return vocab_logits(self.head, x, self.cfg.vocab_size, self.tp)  # (B, T, V_pad / tp)
 
 
@@ -261,10 +267,14 @@ class StageModule(nn.Module):
         self.layers = nn.ModuleList(built[spec.tie_key] if spec.tie_key is not None else spec.make()
                                     for spec in self.specs)
 
-    def forward(self, x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, chunk: int = 0, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Chunk `chunk`'s layers on x. With `labels` (the model's last chunk, whose last layer
+        is the head) the head returns the loss summed over the labelled tokens, computed fused
+        with the projection, instead of the logits."""
         start, stop = self.chunk_offsets[chunk], self.chunk_offsets[chunk + 1]
-        for spec, layer in zip(self.specs[start:stop], self.layers[start:stop]):
-            x = layer(x) if spec.forward_fn is None else spec.forward_fn(layer, x)
+        for index, (spec, layer) in enumerate(zip(self.specs[start:stop], self.layers[start:stop]), start):
+            head = {"targets": labels} if labels is not None and index == stop - 1 else {}
+            x = layer(x, **head) if spec.forward_fn is None else spec.forward_fn(layer, x, **head)
         return x
 
     def tied_modules(self) -> dict[str, nn.Module]:

@@ -410,13 +410,14 @@ def edge_activation_bytes(model: ModelConfig, layout: Layout, stage: StageTensor
 
     First stage: the token ids (int64). With RoPE, the cos/sin tables (s x q each), once in the
     dense model and per block in pipeline stages.
-    Last stage: the final norm (as in a block) and b·sh for the head. Pipeline stages return
-    logits and keep the head's input and the fp32 log-softmax of the rank's vocabulary slice
-    that the cross-entropy keeps, 4·s·V/t (the logits themselves are not kept; they exist with
-    their fp32 copy while the loss is computed). The whole model (zero3) computes head and loss
-    fused, chunk by chunk, with the gradients in forward (parallel/linear_cross_entropy.py): it
-    keeps the head input's gradient (b·sh, in place of the input) and the weight slice's,
-    b·h·V/t whatever the batch, and no logits.
+    Last stage: the final norm (as in a block) and b·sh for the head. DeepSpeed's PipelineEngine
+    (the ZeRO-0/1 pipe mode) hands the last stage's logits to its loss_fn: it keeps the head's
+    input and the fp32 log-softmax of the rank's vocabulary slice that the cross-entropy keeps,
+    4·s·V/t (the logits themselves are not kept; they exist with their fp32 copy while the loss
+    is computed). The ZeRO-3 modes (zero3, pipe_zero3) compute head and loss fused, chunk by
+    chunk, with the gradients in forward (parallel/linear_cross_entropy.py): they keep the head
+    input's gradient (b·sh, in place of the input) and the weight slice's, b·h·V/t whatever
+    the batch, and no logits.
     """
     b = PRECISION_BYTES[layout.precision]
     s, h, mb = layout.seq_len, model.n_embd, layout.micro_batch
@@ -434,7 +435,7 @@ def edge_activation_bytes(model: ModelConfig, layout: Layout, stage: StageTensor
     if stage.last:
         edges += (_norm_bytes(model, b, s, h) / rep + b * s * h) * mb
         local_vocab = model.padded_vocab_size(layout.tp) / layout.tp
-        logits = 4.0 * s * mb * local_vocab if layout.pp > 1 else b * h * local_vocab
+        logits = b * h * local_vocab if layout.zero_stage == 3 else 4.0 * s * mb * local_vocab
     return edges, logits
 
 

@@ -80,6 +80,13 @@ def test_a_stage_module_of_every_layer_computes_the_dense_model(family):
     chunked.load_state_dict(stage.state_dict())
     assert torch.equal(chunked(chunked(ids, chunk=0), chunk=1), dense(ids))
     assert chunked.canonical_parameters().keys() == params.keys()
+    # With labels the head returns the fused loss sum (pipe_zero3's last stage): the dense loss.
+    labels = ids.roll(-1, dims=1)
+    loss_sum = chunked(chunked(ids, chunk=0), chunk=1, labels=labels)
+    assert loss_sum.dim() == 0
+    torch.testing.assert_close(loss_sum / labels.numel(), dense(ids, labels=labels), rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss_sum / labels.numel(), lm_loss(dense(ids), labels, TPGroup.single()), rtol=1e-6,
+                               atol=0)
 
 
 def test_a_tied_layer_is_stored_once():

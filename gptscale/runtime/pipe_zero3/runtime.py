@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from gptscale.model.loss import lm_loss
+from gptscale.model.loss import normalise_loss_sum
 from gptscale.errors import ConfigError
 from gptscale.model.compile import compile_blocks
 from gptscale.model.stages import StageModule, chunk_ranges, describe_stages, stage_bounds, stage_layers, tied_stages
@@ -189,10 +189,12 @@ class PipeZero3Runtime(Runtime):
         started = self.timer.begin()  # waiting for the input was idle time
         if x is not input_ids:
             x.requires_grad_()
-        out = self.engine(x, chunk=op.chunk)
-        if self._feeds_loss(op.chunk):
-            out = lm_loss(out, labels, self.topo.tp_group, self.num_valid_tokens)
+        if self._feeds_loss(op.chunk):  # the head computes the loss fused, never the logits
+            loss_sum = self.engine(x, chunk=op.chunk, labels=labels)
+            out = normalise_loss_sum(loss_sum, labels, self.num_valid_tokens)
             losses.append(out.detach())  # no host synchronisation before the backward is queued
+        else:
+            out = self.engine(x, chunk=op.chunk)
         self.timer.end(started)
         inflight[(op.micro, op.chunk)] = (x, out)
         if not self._feeds_loss(op.chunk):
@@ -247,11 +249,12 @@ class PipeZero3Runtime(Runtime):
         for batch in batches:  # fill and drain per batch and chunk: evaluation is small
             input_ids, labels = self.on_device(batch)
             for chunk in range(self.virtual):
-                out = self.engine(self._chunk_input(input_ids, chunk), chunk=chunk)
+                x = self._chunk_input(input_ids, chunk)
                 if self._feeds_loss(chunk):
-                    losses.append(lm_loss(out, labels, self.topo.tp_group, divisor).detach())
+                    loss_sum = self.engine(x, chunk=chunk, labels=labels)
+                    losses.append(normalise_loss_sum(loss_sum, labels, divisor).detach())
                 else:
-                    self._send_output(out, chunk)
+                    self._send_output(self.engine(x, chunk=chunk), chunk)
         self.p2p.wait_sends()
         self.engine.train()
         self.timer.take()  # evaluation is not part of a training step's bubble
