@@ -173,6 +173,11 @@ class PipeZero3Runtime(Runtime):
     def _feeds_loss(self, chunk: int) -> bool:
         return self.is_last and chunk == self.virtual - 1
 
+    def _loss(self, x, chunk: int, labels, num_valid_tokens) -> torch.Tensor:
+        """The model's last chunk on x: its head computes the loss fused with the projection
+        (never the logits), normalised as `lm_loss` normalises."""
+        return normalise_loss_sum(self.engine(x, chunk=chunk, labels=labels), labels, num_valid_tokens)
+
     def _chunk_input(self, input_ids, chunk: int) -> torch.Tensor:
         """The token ids for the model's first chunk, else the previous chunk's output."""
         if self.is_first and chunk == 0:
@@ -189,9 +194,8 @@ class PipeZero3Runtime(Runtime):
         started = self.timer.begin()  # waiting for the input was idle time
         if x is not input_ids:
             x.requires_grad_()
-        if self._feeds_loss(op.chunk):  # the head computes the loss fused, never the logits
-            loss_sum = self.engine(x, chunk=op.chunk, labels=labels)
-            out = normalise_loss_sum(loss_sum, labels, self.num_valid_tokens)
+        if self._feeds_loss(op.chunk):
+            out = self._loss(x, op.chunk, labels, self.num_valid_tokens)
             losses.append(out.detach())  # no host synchronisation before the backward is queued
         else:
             out = self.engine(x, chunk=op.chunk)
@@ -251,8 +255,7 @@ class PipeZero3Runtime(Runtime):
             for chunk in range(self.virtual):
                 x = self._chunk_input(input_ids, chunk)
                 if self._feeds_loss(chunk):
-                    loss_sum = self.engine(x, chunk=chunk, labels=labels)
-                    losses.append(normalise_loss_sum(loss_sum, labels, divisor).detach())
+                    losses.append(self._loss(x, chunk, labels, divisor).detach())
                 else:
                     self._send_output(self.engine(x, chunk=chunk), chunk)
         self.p2p.wait_sends()
