@@ -61,6 +61,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from gpu_check_profile import profile_steps, short, sync  # noqa: E402
+from run import hf_model  # noqa: E402 - bench/run.py: the transformers peer
 from gptscale import config  # noqa: E402
 from gptscale.model.counting import flops_per_token  # noqa: E402
 from gptscale.model.gpt import GPT  # noqa: E402
@@ -162,12 +163,7 @@ def mfu(model_cfg, seq: int, tokens_s: float) -> float:
 def build_model(model_cfg, plan: Plan, hf: bool):
     torch.manual_seed(0)
     if hf:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=model_cfg.vocab_size, n_positions=model_cfg.block_size,
-                                           n_embd=model_cfg.n_embd, n_layer=model_cfg.n_layer, n_head=model_cfg.n_head,
-                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                           activation_function="gelu_new", attn_implementation="sdpa"))
+        model = hf_model(model_cfg, activation_function="gelu_new")
     else:
         with torch.device(plan.device):  # initialised where it runs: the 1.2B shape's init is slow on the CPU
             model = GPT(model_cfg)

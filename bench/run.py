@@ -94,22 +94,15 @@ def _engine_step(engine, batches, hf: bool = False) -> Callable[[], None]:
     return step
 
 
-def _hf_model(cfg):
-    m = cfg.model
-    if m.family == "gpt2":
-        from transformers import GPT2Config, GPT2LMHeadModel
+def hf_model(m, **overrides):
+    """transformers' model of gptscale model config `m`: the config `gptscale convert to-hf`
+    writes (`convert.hf.hf_config`, the same maths), with torch's SDPA attention."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-        return GPT2LMHeadModel(GPT2Config(
-            vocab_size=m.vocab_size, n_positions=m.block_size, n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new",
-            attn_implementation="sdpa"))
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from gptscale.convert.hf import hf_config
 
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=m.vocab_size, hidden_size=m.n_embd, intermediate_size=m.ffn_hidden, num_hidden_layers=m.n_layer,
-        num_attention_heads=m.n_head, num_key_value_heads=m.n_kv_head, max_position_embeddings=m.block_size,
-        rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
-        attn_implementation="sdpa"))
+    config = AutoConfig.for_model(**{**hf_config(m, None, None), **overrides})
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
 
 def _synthetic(cfg, topo):
@@ -132,7 +125,7 @@ def vs_transformers(overrides: list[str], reps: int, steps: int) -> dict:
     torch.manual_seed(0)
     with ds.zero.Init(config_dict_or_path=trainer.ds_config, mpu=topo,
                       data_parallel_group=topo.get_data_parallel_group()):
-        theirs = _hf_model(cfg)
+        theirs = hf_model(cfg.model, **({"activation_function": "gelu_new"} if cfg.model.family == "gpt2" else {}))
     peer_config = _with_peer_leaf_blocks(trainer.ds_config, theirs)
     engine, *_ = ds.initialize(model=theirs, model_parameters=theirs.parameters(), config=peer_config, mpu=topo)
     ours = trainer.runtime.engine
