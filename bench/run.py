@@ -125,7 +125,7 @@ def vs_transformers(overrides: list[str], reps: int, steps: int) -> dict:
     torch.manual_seed(0)
     with ds.zero.Init(config_dict_or_path=trainer.ds_config, mpu=topo,
                       data_parallel_group=topo.get_data_parallel_group()):
-        theirs = hf_model(cfg.model, **({"activation_function": "gelu_new"} if cfg.model.family == "gpt2" else {}))
+        theirs = hf_model(cfg.model)
     peer_config = _with_peer_leaf_blocks(trainer.ds_config, theirs)
     engine, *_ = ds.initialize(model=theirs, model_parameters=theirs.parameters(), config=peer_config, mpu=topo)
     ours = trainer.runtime.engine
